@@ -1,0 +1,192 @@
+"""The workers as the daemon sees them: spawn, wait for ready, host stages, open links, routes.
+
+All of it runs on the daemon's event loop; worker replies arrive from reader threads through
+`loop.call_soon_threadsafe`. Every wait is bounded; a worker that dies while we wait is reported
+with its exit code.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from kevlard import messages as m
+from kevlard.launcher import WorkerHandle
+
+log = logging.getLogger("kevlard.cluster")
+
+
+class WorkerStartError(RuntimeError):
+    pass
+
+
+@dataclass
+class WorkerState:
+    handle: WorkerHandle
+    state: str = "starting"  # starting | spare | healthy | dead
+    stage: int | None = None
+    layers: tuple[int, int] | None = None
+    pipelines: set[int] = field(default_factory=set)
+    last_heartbeat: float = 0.0
+    steps_done: int = 0
+    ready: asyncio.Future | None = None
+
+
+class Cluster:
+    def __init__(self, topology, launcher, store_host: str, link_timeout_s: float,
+                 start_timeout_s: float, threads_per_worker: int):
+        self.topology = topology
+        self.launcher = launcher
+        self.store_host = store_host
+        self.link_timeout_s = link_timeout_s
+        self.start_timeout_s = start_timeout_s
+        self.threads_per_worker = threads_per_worker
+        self.workers: dict[int, WorkerState] = {}
+        self.routes: list[list[int]] = [topology.route(p) for p in range(topology.pipelines)]
+        self._cmd_ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future] = {}
+        self._store = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.on_message: Callable[[int, object], None] = lambda wid, msg: None
+        self.on_death: Callable[[int], None] = lambda wid: None
+
+    # ---------------------------------------------------------------- start-up
+
+    async def start(self, stage_commands: Callable[[int], m.HostStage]) -> None:
+        """Spawn every worker, host each pipeline's stages, open each pipeline's links."""
+        import torch.distributed as dist
+
+        self.loop = asyncio.get_running_loop()
+        self._store = dist.TCPStore(self.store_host, 0, is_master=True, wait_for_workers=False)
+        for wid, device in enumerate(self.topology.devices):
+            self._spawn(wid, device)
+        await self._wait_ready(list(self.workers))
+        hosts = []
+        for p, route in enumerate(self.routes):
+            for s, wid in enumerate(route):
+                cmd = stage_commands(s)
+                w = self.workers[wid]
+                w.stage, w.layers = s, (cmd.first_layer, cmd.last_layer)
+                w.pipelines.add(p)
+                w.state = "healthy"
+                hosts.append(self.command(wid, cmd))
+        for wid in self.topology.spare_ids:
+            self.workers[wid].state = "spare"
+        await asyncio.gather(*hosts)
+        links = [self.open_link(a, b) for route in self.routes for a, b in zip(route, route[1:])]
+        await asyncio.gather(*links)
+
+    def _spawn(self, wid: int, device: str) -> None:
+        handle = self.launcher.spawn(wid, device, self.threads_per_worker)
+        state = WorkerState(handle, ready=self.loop.create_future())
+        self.workers[wid] = state
+        handle.start_reader(self._from_thread, self._eof_from_thread)
+
+    async def _wait_ready(self, ids: list[int]) -> None:
+        deadline = time.monotonic() + self.start_timeout_s
+        for wid in ids:
+            w = self.workers[wid]
+            while not w.ready.done():
+                if not w.handle.is_alive():
+                    raise WorkerStartError(f"worker {wid} on {w.handle.device} died during start-up "
+                                           f"with exit code {w.handle.exitcode}")
+                if time.monotonic() > deadline:
+                    raise WorkerStartError(f"worker {wid} on {w.handle.device} not ready after "
+                                           f"{self.start_timeout_s:.0f} s (cluster.worker_start_timeout_s)")
+                await asyncio.wait([w.ready], timeout=0.05)
+
+    async def command(self, wid: int, msg) -> dict:
+        """Send a command that the worker answers with CommandDone; raise if it fails or dies."""
+        fut = self.loop.create_future()
+        self._pending[msg.cmd_id] = (wid, fut)
+        if not self.workers[wid].handle.send(msg):
+            self._pending.pop(msg.cmd_id, None)
+            raise WorkerStartError(f"worker {wid} is gone")
+        try:
+            done: m.CommandDone = await asyncio.wait_for(fut, self.start_timeout_s)
+        finally:
+            self._pending.pop(msg.cmd_id, None)
+        if done.error:
+            raise WorkerStartError(f"worker {wid}: {type(msg).__name__} failed: {done.error}")
+        return done.info
+
+    def next_cmd_id(self) -> int:
+        return next(self._cmd_ids)
+
+    async def open_link(self, a: int, b: int) -> None:
+        name = f"link-{a}-{b}-{self.next_cmd_id()}"
+        port = self._store.port
+        await asyncio.gather(
+            self.command(a, m.OpenLink(self.next_cmd_id(), b, name, 0, self.store_host, port, self.link_timeout_s)),
+            self.command(b, m.OpenLink(self.next_cmd_id(), a, name, 1, self.store_host, port, self.link_timeout_s)))
+
+    # ---------------------------------------------------------------- traffic from reader threads
+
+    def _from_thread(self, wid: int, msg: object) -> None:
+        self.loop.call_soon_threadsafe(self._dispatch, wid, msg)
+
+    def _eof_from_thread(self, wid: int) -> None:
+        self.loop.call_soon_threadsafe(self._worker_gone, wid)
+
+    def _dispatch(self, wid: int, msg: object) -> None:
+        w = self.workers.get(wid)
+        if w is None:
+            return
+        if isinstance(msg, m.Heartbeat):
+            w.last_heartbeat = time.monotonic()
+            w.steps_done = msg.steps_done
+        elif isinstance(msg, m.WorkerReady):
+            w.last_heartbeat = time.monotonic()
+            if not w.ready.done():
+                w.ready.set_result(msg)
+        elif isinstance(msg, m.CommandDone):
+            pending = self._pending.get(msg.cmd_id)
+            if pending is not None and not pending[1].done():
+                pending[1].set_result(msg)
+        else:
+            self.on_message(wid, msg)
+
+    def _worker_gone(self, wid: int) -> None:
+        w = self.workers.get(wid)
+        if w is None or w.state == "dead":
+            return
+        w.state = "dead"
+        w.handle.kill()
+        for cmd_id, (owner, fut) in list(self._pending.items()):
+            if owner == wid and not fut.done():
+                fut.set_exception(WorkerStartError(f"worker {wid} died (exit code {w.handle.exitcode})"))
+        self.on_death(wid)
+
+    # ---------------------------------------------------------------- views and shutdown
+
+    def route_alive(self, pipeline: int) -> bool:
+        return all(self.workers[w].state == "healthy" for w in self.routes[pipeline])
+
+    def snapshot(self) -> dict:
+        workers = []
+        for wid, w in sorted(self.workers.items()):
+            stages = []
+            if w.stage is not None and w.layers is not None:
+                stages = [{"pipeline": p, "stage": w.stage, "layers": list(w.layers)} for p in sorted(w.pipelines)]
+            workers.append({"id": wid, "device": w.handle.device, "pid": w.handle.pid, "state": w.state,
+                            "stages": stages, "steps_done": w.steps_done,
+                            "heartbeat_age_s": round(time.monotonic() - w.last_heartbeat, 3)
+                            if w.last_heartbeat else None})
+        pipelines = [{"id": p, "route": list(r), "state": "serving" if self.route_alive(p) else "down"}
+                     for p, r in enumerate(self.routes)]
+        return {"workers": workers, "pipelines": pipelines}
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        for w in self.workers.values():
+            w.handle.send(m.Shutdown())
+        deadline = time.monotonic() + timeout_s
+        for w in self.workers.values():
+            w.handle.process.join(max(0.0, deadline - time.monotonic()))
+        for w in self.workers.values():
+            w.handle.stop(1.0)
+        self._store = None
+        log.info("workers stopped (pid %d)", os.getpid())

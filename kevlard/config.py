@@ -1,0 +1,236 @@
+"""kevlard's configuration: frozen dataclasses loaded from `kevlard.toml`, validated once.
+
+Every field has a default so `kevlard serve` runs with no file. CLI flags override the file.
+Errors name the offending field (`ConfigError("cluster.pipelines: must be >= 1, got 0")`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; the message names the field."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str = ""  # empty: /v1/* is open
+    admin_token: str = ""  # empty: generated at start
+    drain_timeout_s: float = 30.0  # SIGTERM: how long in-flight requests may take to finish
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_prompt_tokens: int = 0  # 0: the model's context length
+    max_tokens_limit: int = 4096  # upper bound on a request's max_tokens
+    default_max_tokens: int = 256
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = ""  # a HF directory or a .gguf file; empty: the embedded SmolLM2-135M-Instruct
+    name: str = ""  # id served by /v1/models; empty: derived from the path
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    cache_dir: str = ""  # where GGUF files are converted to safetensors; empty: ~/.cache/kevlard
+    max_model_len: int = 0  # 0: the model's max_position_embeddings (capped at 8192)
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    devices: str = "auto"  # auto | cpu:N | cuda:0,1,...
+    pipelines: int = 0  # 0: derived (2 when there are >= 4 devices, else 1)
+    stages: int = 0  # 0: derived (devices // pipelines, at most 2 on CPU)
+    spares: int = -1  # -1: derived (1 if a device is left over or on CPU, else 0)
+    worker_start_timeout_s: float = 120.0
+    link_timeout_s: float = 30.0  # every send/recv on a link
+    threads_per_worker: int = 0  # 0: cores divided among active workers
+
+    @property
+    def device_kind(self) -> str:
+        return self.devices.split(":", 1)[0]
+
+
+@dataclass(frozen=True)
+class KVConfig:
+    block_size: int = 16
+    num_blocks: int = 0  # per worker; 0: derived from memory_mb
+    memory_mb: int = 256  # per worker, when num_blocks is 0
+    replication: bool = True
+    replica_fraction: float = 0.5
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_batch_tokens: int = 256  # token budget of one micro-batch (prefill chunks + decodes)
+    max_running: int = 32  # per pipeline
+    max_waiting: int = 256  # beyond this, new requests get 429
+    microbatches: int = 0  # in flight per pipeline; 0: one per stage
+    step_timeout_s: float = 30.0
+    no_route_wait_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    heartbeat_interval_s: float = 0.1
+    heartbeat_timeout_s: float = 1.0
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    kv: KVConfig = field(default_factory=KVConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
+    recovery: str = "kevlar"  # kevlar | restart
+    log_format: str = "text"  # text | json
+
+    def validate(self) -> "Config":
+        _check(1 <= self.server.port <= 65535, "server.port", "must be in 1..65535", self.server.port)
+        _check(self.server.drain_timeout_s >= 0, "server.drain_timeout_s", "must be >= 0",
+               self.server.drain_timeout_s)
+        _check(self.server.max_tokens_limit >= 1, "server.max_tokens_limit", "must be >= 1",
+               self.server.max_tokens_limit)
+        _check(self.server.default_max_tokens >= 1, "server.default_max_tokens", "must be >= 1",
+               self.server.default_max_tokens)
+        _check(self.server.max_body_bytes >= 1024, "server.max_body_bytes", "must be >= 1024",
+               self.server.max_body_bytes)
+        _check(self.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype",
+               "must be float32, bfloat16 or float16", self.model.dtype)
+        if self.model.path:
+            _check(Path(self.model.path).expanduser().exists(), "model.path", "does not exist",
+                   self.model.path)
+        parse_devices(self.cluster.devices)  # raises ConfigError naming cluster.devices
+        _check(self.cluster.pipelines >= 0, "cluster.pipelines", "must be >= 1", self.cluster.pipelines)
+        _check(self.cluster.stages >= 0, "cluster.stages", "must be >= 1", self.cluster.stages)
+        _check(self.cluster.spares >= -1, "cluster.spares", "must be >= 0", self.cluster.spares)
+        _check(self.kv.block_size in (1, 2, 4, 8, 16, 32, 64, 128), "kv.block_size",
+               "must be a power of two in 1..128", self.kv.block_size)
+        _check(self.kv.num_blocks >= 0, "kv.num_blocks", "must be >= 0", self.kv.num_blocks)
+        _check(self.kv.memory_mb >= 1, "kv.memory_mb", "must be >= 1", self.kv.memory_mb)
+        _check(0.0 <= self.kv.replica_fraction < 1.0, "kv.replica_fraction", "must be in [0, 1)",
+               self.kv.replica_fraction)
+        _check(self.scheduler.max_batch_tokens >= 1, "scheduler.max_batch_tokens", "must be >= 1",
+               self.scheduler.max_batch_tokens)
+        _check(self.scheduler.max_running >= 1, "scheduler.max_running", "must be >= 1",
+               self.scheduler.max_running)
+        _check(self.scheduler.max_waiting >= 1, "scheduler.max_waiting", "must be >= 1",
+               self.scheduler.max_waiting)
+        _check(self.health.heartbeat_interval_s > 0, "health.heartbeat_interval_s", "must be > 0",
+               self.health.heartbeat_interval_s)
+        _check(self.health.heartbeat_timeout_s > self.health.heartbeat_interval_s,
+               "health.heartbeat_timeout_s", "must exceed health.heartbeat_interval_s",
+               self.health.heartbeat_timeout_s)
+        _check(self.recovery in ("kevlar", "restart"), "recovery", "must be kevlar or restart",
+               self.recovery)
+        _check(self.log_format in ("text", "json"), "log_format", "must be text or json", self.log_format)
+        return self
+
+
+def _check(ok: bool, name: str, rule: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{name}: {rule}, got {value!r}")
+
+
+def parse_devices(spec: str) -> tuple[str, list[int]] | tuple[str, None]:
+    """'auto' -> ('auto', None); 'cpu:4' -> ('cpu', [0,1,2,3]); 'cuda:0,1' -> ('cuda', [0,1])."""
+    if spec == "auto":
+        return "auto", None
+    kind, _, rest = spec.partition(":")
+    try:
+        if kind == "cpu":
+            n = int(rest)
+            if n < 1:
+                raise ValueError
+            return "cpu", list(range(n))
+        if kind == "cuda":
+            ids = [int(x) for x in rest.split(",") if x.strip()]
+            if not ids or any(i < 0 for i in ids) or len(set(ids)) != len(ids):
+                raise ValueError
+            return "cuda", ids
+    except ValueError:
+        pass
+    raise ConfigError(f"cluster.devices: must be auto, cpu:N or cuda:0,1,..., got {spec!r}")
+
+
+_SECTIONS = {f.name: f.type for f in fields(Config)}
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Load `path` (TOML) if given, apply dotted `overrides` ({"server.port": 9000}), validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"--config: no such file {str(p)!r}")
+        try:
+            raw = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p}: not valid TOML: {e}") from None
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        section, _, key = dotted.rpartition(".")
+        target = raw.setdefault(section, {}) if section else raw
+        target[key] = value
+    return _build(raw).validate()
+
+
+def _build(raw: dict[str, Any]) -> Config:
+    kwargs: dict[str, Any] = {}
+    defaults = Config()
+    for name, value in raw.items():
+        if name not in _SECTIONS:
+            raise ConfigError(f"{name}: unknown field")
+        current = getattr(defaults, name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{name}: must be a table")
+            kwargs[name] = _build_section(name, current, value)
+        else:
+            kwargs[name] = _coerce(name, current, value)
+    return Config(**kwargs)
+
+
+def _build_section(section: str, current: Any, values: dict[str, Any]) -> Any:
+    known = {f.name for f in fields(current)}
+    out = {}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(f"{section}.{key}: unknown field")
+        out[key] = _coerce(f"{section}.{key}", getattr(current, key), value)
+    return dataclasses.replace(current, **out)
+
+
+def _coerce(name: str, default: Any, value: Any) -> Any:
+    kind = type(default)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "on", "off"):
+            return value.lower() in ("true", "1", "on")
+        raise ConfigError(f"{name}: must be true or false, got {value!r}")
+    if kind is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name}: must be an integer, got {value!r}")
+        try:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}: must be an integer, got {value!r}") from None
+    if kind is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name}: must be a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}: must be a number, got {value!r}") from None
+    if not isinstance(value, str):
+        raise ConfigError(f"{name}: must be a string, got {value!r}")
+    return value

@@ -1,0 +1,146 @@
+"""`kevlard serve`: load the model once, spawn the workers, run the engine and the web app.
+
+Start-up order: clean stale shared memory of dead daemons, resolve the model (a GGUF is
+converted once to a safetensors cache), load the weights into the host weight store, spawn the
+workers and host the stages, open the links, then serve HTTP. SIGTERM/SIGINT: stop accepting,
+let in-flight requests finish within `server.drain_timeout_s`, stop the workers, free the store.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+import time
+
+from kevlard.config import Config, ConfigError
+
+log = logging.getLogger("kevlard")
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps({"time": round(record.created, 3), "level": record.levelname.lower(),
+                           "logger": record.name, "message": record.getMessage()})
+
+
+def setup_logging(log_format: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("kevlard")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    root.propagate = False
+
+
+def serve(config: Config) -> int:
+    """Run the daemon until SIGTERM/SIGINT; returns the process exit code."""
+    setup_logging(config.log_format)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        return asyncio.run(_serve(config))
+    except ConfigError as e:
+        log.error("invalid configuration: %s", e)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+    except Exception as e:  # start-up failures: a clear line, a non-zero exit for systemd
+        from kevlard.cluster import WorkerStartError
+        from kevlard.model_source import UnsupportedModelError
+
+        if isinstance(e, (UnsupportedModelError, WorkerStartError, FileNotFoundError, ValueError)):
+            log.error("cannot start: %s", e)
+            return 1
+        raise
+
+
+def _cuda_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+async def _serve(config: Config) -> int:
+    t0 = time.monotonic()
+    from kevlard.cluster import Cluster
+    from kevlard.engine import KevlarEngine
+    from kevlard.gpu.kv_cache import bytes_per_block
+    from kevlard.gpu.weight_store import HostWeightStore, cleanup_stale_segments
+    from kevlard.launcher import LocalLauncher
+    from kevlard.messages import HostStage
+    from kevlard.model_source import resolve_model
+    from kevlard.topology import plan_topology, split_layers
+
+    removed = cleanup_stale_segments()
+    if removed:
+        log.info("removed %d stale shared-memory segment(s) of dead daemons: %s", len(removed), ", ".join(removed))
+    topo = plan_topology(config.cluster, _cuda_count())
+    source = await asyncio.to_thread(resolve_model, config.model.path, config.model.cache_dir,
+                                     config.model.dtype, lambda msg: log.info("%s", msg))
+    spec = source.spec
+    tokenizer = await asyncio.to_thread(source.load_tokenizer)
+    layer_params = (spec.hidden_size * spec.head_dim * (2 * spec.num_heads + 2 * spec.num_kv_heads)
+                    + 3 * spec.hidden_size * spec.intermediate_size)
+    head_cost = spec.vocab_size * spec.hidden_size / layer_params
+    bounds = split_layers(spec.num_layers, topo.stages, head_cost)
+    max_model_len = config.model.max_model_len or min(spec.max_position_embeddings, 8192)
+    log.info("model %s: %d layers, hidden %d; %d pipeline(s) x %d stage(s) %s, %d spare(s), on %s",
+             source.name, spec.num_layers, spec.hidden_size, topo.pipelines, topo.stages,
+             [f"{a}-{b - 1}" for a, b in bounds], topo.spares, topo.kind)
+
+    store = await asyncio.to_thread(HostWeightStore.create, source, config.model.dtype, "")
+    cluster = None
+    try:
+        log.info("host weight store: %.1f MB in %s", store.nbytes / 2 ** 20, store.path)
+        dtype_size = 2 if config.model.dtype in ("float16", "bfloat16") else 4
+        max_layers = max(b - a for a, b in bounds)
+        per_block = bytes_per_block(max_layers, config.kv.block_size, spec.num_kv_heads, spec.head_dim, dtype_size)
+        num_blocks = config.kv.num_blocks or max(1, config.kv.memory_mb * 2 ** 20 // per_block)
+        threads = config.cluster.threads_per_worker or max(1, (os.cpu_count() or 1) // (topo.pipelines * topo.stages))
+        cluster = Cluster(topo, LocalLauncher(config.health.heartbeat_interval_s), "127.0.0.1",
+                          config.cluster.link_timeout_s, config.cluster.worker_start_timeout_s, threads)
+
+        def stage_command(s: int) -> HostStage:
+            first, last = bounds[s]
+            is_first, is_last = s == 0, s == topo.stages - 1
+            return HostStage(cluster.next_cmd_id(), s, first, last, is_first, is_last,
+                             store.stage_handle(first, last, is_first, is_last), spec, num_blocks,
+                             config.kv.block_size, config.model.dtype)
+
+        await cluster.start(stage_command)
+        engine = KevlarEngine(config, source, tokenizer, cluster, num_blocks, max_model_len)
+        log.info("%d workers up, %d KV blocks of %d tokens per worker, %d thread(s) each",
+                 topo.num_workers, num_blocks, config.kv.block_size, threads)
+        return await _run_http(config, engine, t0)
+    finally:
+        if cluster is not None:
+            await asyncio.to_thread(cluster.stop)
+        store.close()
+        log.info("stopped")
+
+
+async def _run_http(config: Config, engine, t0: float) -> int:
+    import uvicorn
+
+    from kevlard.web.app import create_app
+
+    app = create_app(engine, config)
+    server = uvicorn.Server(uvicorn.Config(app, host=config.server.host, port=config.server.port,
+                                           log_level="warning", access_log=False, lifespan="off",
+                                           timeout_graceful_shutdown=max(1, int(config.server.drain_timeout_s))))
+    task = asyncio.create_task(server.serve())
+    while not server.started and not task.done():
+        await asyncio.sleep(0.02)
+    if task.done():
+        task.result()  # raises the bind error
+        return 1
+    host, port = server.servers[0].sockets[0].getsockname()[:2]
+    log.info("ready in %.1f s: serving %s on http://%s:%d", time.monotonic() - t0, engine.model_name, host, port)
+    print(f"kevlard: serving {engine.model_name} on http://{host}:{port}", flush=True)
+    await task
+    await engine.drain(0.0)
+    return 0

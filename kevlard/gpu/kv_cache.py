@@ -1,0 +1,36 @@
+"""The paged KV cache of one stage: one allocation per worker, sliced per layer and block."""
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
+                 head_dim: int, dtype: torch.dtype, device: str | torch.device = "cpu"):
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        # [2, L, num_blocks * block_size, kvh, hd]: one tensor, so a block of every layer is one slice
+        self.data = torch.zeros(2, num_layers, num_blocks * block_size, num_kv_heads, head_dim,
+                                dtype=dtype, device=device)
+
+    def slots(self, block_table: tuple[int, ...], start: int, end: int) -> torch.Tensor:
+        """Flat slot index of positions [start, end) of a sequence with this block table."""
+        pos = torch.arange(start, end)
+        blocks = torch.tensor(block_table, dtype=torch.long)[pos // self.block_size]
+        return (blocks * self.block_size + pos % self.block_size).to(self.data.device)
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.data[0, layer].index_copy_(0, slots, k)  # k: [T, kvh, hd]
+        self.data[1, layer].index_copy_(0, slots, v)
+
+    def read(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.data[0, layer].index_select(0, slots), self.data[1, layer].index_select(0, slots)
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+
+def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
+                    dtype_size: int) -> int:
+    return 2 * num_layers * block_size * num_kv_heads * head_dim * dtype_size

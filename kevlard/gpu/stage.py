@@ -1,0 +1,142 @@
+"""One pipeline stage's batched forward: our own Llama/Qwen2 decoder layers over a paged KV cache.
+
+Batch invariance: every row's result must not depend on which other rows share the batch, so
+that a greedy answer is the same whatever else is in flight (and after a failover regroups the
+batches). Linear layers therefore run on fixed tiles of TILE rows (padded), norms and activations
+are row-wise, and attention runs per request.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from kevlard.gpu.kv_cache import KVCache
+
+TILE = 16
+
+
+def tiled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T (+ bias), computed TILE rows at a time so each row's result is batch-invariant."""
+    rows = x.shape[0]  # x: [M, K], weight: [N, K]
+    padded = -(-rows // TILE) * TILE
+    if padded != rows:
+        x = torch.cat([x, x.new_zeros(padded - rows, x.shape[1])])
+    out = x.new_empty(padded, weight.shape[0])  # [M16, N]
+    wt = weight.t()
+    for i in range(0, padded, TILE):
+        torch.mm(x[i:i + TILE], wt, out=out[i:i + TILE])
+    if bias is not None:
+        out += bias
+    return out[:rows]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+@dataclass(frozen=True)
+class ChunkView:
+    """Where one request's chunk sits in the flat batch, and where its KV lives."""
+    offset: int  # first row in the batch
+    num_tokens: int
+    start: int  # position of the first token
+    slots_new: torch.Tensor  # [num_tokens] cache slots written by this chunk
+    slots_all: torch.Tensor  # [start + num_tokens] cache slots attended to
+
+
+class StageModel:
+    """Layers [first_layer, last_layer) of the model, plus the embedding and/or head at the ends."""
+
+    def __init__(self, weights: dict[str, torch.Tensor], spec, first_layer: int, last_layer: int,
+                 is_first: bool, is_last: bool, kv: KVCache, device: torch.device | str = "cpu"):
+        self.w = weights
+        self.spec = spec
+        self.layers = range(first_layer, last_layer)
+        self.is_first = is_first
+        self.is_last = is_last
+        self.kv = kv
+        self.device = torch.device(device)
+        self.dtype = next(iter(weights.values())).dtype
+        self.inv_freq = torch.tensor(spec.rope_inv_freq, dtype=torch.float32, device=self.device)
+        self.lm_head = None
+        if is_last:
+            self.lm_head = weights.get("lm_head.weight", weights.get("model.embed_tokens.weight"))
+
+    # ---------------------------------------------------------------- pieces
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return self.w["model.embed_tokens.weight"].index_select(0, token_ids)  # [T, H]
+
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]  # [T, hd/2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        scale = self.spec.rope_attention_scaling
+        return (emb.cos() * scale).to(self.dtype), (emb.sin() * scale).to(self.dtype)
+
+    def _attention(self, li: int, q: torch.Tensor, chunks: list[ChunkView]) -> torch.Tensor:
+        spec = self.spec
+        out = torch.empty_like(q)  # [T, H, hd]
+        for c in chunks:
+            k_all, v_all = self.kv.read(li, c.slots_all)  # [ctx, kvh, hd]
+            qc = q[c.offset:c.offset + c.num_tokens].transpose(0, 1)  # [H, n, hd]
+            kc = k_all.transpose(0, 1)
+            vc = v_all.transpose(0, 1)
+            mask = None
+            if c.num_tokens > 1:
+                q_pos = torch.arange(c.start, c.start + c.num_tokens, device=q.device)
+                k_pos = torch.arange(c.start + c.num_tokens, device=q.device)
+                mask = k_pos[None, :] <= q_pos[:, None]  # [n, ctx]
+            o = F.scaled_dot_product_attention(qc.unsqueeze(0), kc.unsqueeze(0), vc.unsqueeze(0),
+                                               attn_mask=mask, enable_gqa=spec.num_kv_heads != spec.num_heads)
+            out[c.offset:c.offset + c.num_tokens] = o[0].transpose(0, 1)
+        return out
+
+    def _layer(self, layer: int, li: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               chunks: list[ChunkView], slots_new: torch.Tensor) -> torch.Tensor:
+        spec, w = self.spec, self.w
+        p = f"model.layers.{layer}."
+        T = h.shape[0]
+        x = rms_norm(h, w[p + "input_layernorm.weight"], spec.rms_norm_eps)
+        q = tiled_linear(x, w[p + "self_attn.q_proj.weight"], w.get(p + "self_attn.q_proj.bias"))
+        k = tiled_linear(x, w[p + "self_attn.k_proj.weight"], w.get(p + "self_attn.k_proj.bias"))
+        v = tiled_linear(x, w[p + "self_attn.v_proj.weight"], w.get(p + "self_attn.v_proj.bias"))
+        q = q.view(T, spec.num_heads, spec.head_dim)
+        k = k.view(T, spec.num_kv_heads, spec.head_dim)
+        v = v.view(T, spec.num_kv_heads, spec.head_dim)
+        c, s = cos[:, None, :], sin[:, None, :]
+        q = q * c + rotate_half(q) * s
+        k = k * c + rotate_half(k) * s
+        self.kv.write(li, slots_new, k, v)
+        attn = self._attention(li, q, chunks).reshape(T, spec.num_heads * spec.head_dim)
+        h = h + tiled_linear(attn, w[p + "self_attn.o_proj.weight"], w.get(p + "self_attn.o_proj.bias"))
+        x = rms_norm(h, w[p + "post_attention_layernorm.weight"], spec.rms_norm_eps)
+        gate = tiled_linear(x, w[p + "mlp.gate_proj.weight"], w.get(p + "mlp.gate_proj.bias"))
+        up = tiled_linear(x, w[p + "mlp.up_proj.weight"], w.get(p + "mlp.up_proj.bias"))
+        return h + tiled_linear(F.silu(gate) * up, w[p + "mlp.down_proj.weight"], w.get(p + "mlp.down_proj.bias"))
+
+    # ---------------------------------------------------------------- the step
+
+    @torch.inference_mode()
+    def forward(self, hidden: torch.Tensor, chunks: list[ChunkView], positions: torch.Tensor) -> torch.Tensor:
+        """hidden: [T, H] (already embedded on the first stage); returns the stage's output [T, H]."""
+        cos, sin = self._rope(positions)
+        slots_new = torch.cat([c.slots_new for c in chunks])
+        for li, layer in enumerate(self.layers):
+            hidden = self._layer(layer, li, hidden, cos, sin, chunks, slots_new)
+        return hidden
+
+    @torch.inference_mode()
+    def logits(self, hidden_rows: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head for the rows that sample: [S, H] -> [S, V] in float32."""
+        x = rms_norm(hidden_rows, self.w["model.norm.weight"], self.spec.rms_norm_eps)
+        return tiled_linear(x, self.lm_head).to(torch.float32)

@@ -1,0 +1,208 @@
+"""The worker process: owns one device, hosts stages, runs steps, and reports over its channel.
+
+It runs commands in the order the daemon sent them (so every worker of a route sees micro-batches
+in the same order), sends a heartbeat from a thread, and exits when the daemon's end of the
+channel closes, so a crashed daemon leaves no orphan behind.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+import traceback
+
+from kevlard import messages as m
+
+
+class Worker:
+    def __init__(self, worker_id: int, device: str, conn, heartbeat_interval_s: float):
+        import torch  # imported here: the spawn child pays for it, not the daemon's import of this module
+
+        self.torch = torch
+        self.id = worker_id
+        self.device = torch.device(device)
+        self.conn = conn
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self._send_lock = threading.Lock()
+        self.stages: dict[int, object] = {}  # pipeline-independent: stage index -> StageModel
+        self.links: dict[int, object] = {}  # peer worker id -> Link
+        self.steps_done = 0
+        self.hung = threading.Event()
+        self.slow_s = 0.0
+        self.slow_until = 0.0
+
+    # ---------------------------------------------------------------- channel
+
+    def send(self, msg: object) -> None:
+        data = m.encode(msg)
+        with self._send_lock:
+            self.conn.send_bytes(data)
+
+    def _heartbeats(self) -> None:
+        while True:
+            time.sleep(self.heartbeat_interval_s)
+            if self.hung.is_set():
+                continue
+            try:
+                self.send(m.Heartbeat(self.id, time.time(), self.steps_done))
+            except (OSError, EOFError, BrokenPipeError):
+                os._exit(0)  # the daemon is gone
+
+    def run(self) -> None:
+        threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True).start()
+        self.send(m.WorkerReady(self.id, os.getpid(), str(self.device)))
+        while True:
+            try:
+                msg = m.decode(self.conn.recv_bytes())
+            except (EOFError, OSError):
+                return  # the daemon closed the channel
+            if isinstance(msg, m.Shutdown):
+                return
+            self.handle(msg)
+
+    # ---------------------------------------------------------------- commands
+
+    def handle(self, msg: object) -> None:
+        if isinstance(msg, m.Step):
+            self._step(msg)
+        elif isinstance(msg, m.HostStage):
+            self._reply(msg.cmd_id, self._host_stage, msg)
+        elif isinstance(msg, m.OpenLink):
+            self._reply(msg.cmd_id, self._open_link, msg)
+        elif isinstance(msg, m.CloseLink):
+            self._reply(msg.cmd_id, self._close_link, msg)
+        elif isinstance(msg, m.InjectFault):
+            self._inject(msg)
+        else:
+            raise TypeError(f"worker {self.id}: unknown message {type(msg).__name__}")
+
+    def _reply(self, cmd_id: int, fn, msg) -> None:
+        try:
+            info = fn(msg) or {}
+            self.send(m.CommandDone(self.id, cmd_id, None, info))
+        except Exception as e:  # reported, not fatal: the daemon decides
+            self.send(m.CommandDone(self.id, cmd_id, f"{type(e).__name__}: {e}"))
+
+    def _host_stage(self, msg: m.HostStage) -> dict:
+        from kevlard.gpu.kv_cache import KVCache
+        from kevlard.gpu.stage import StageModel
+        from kevlard.gpu.weight_store import attach_stage
+
+        t0 = time.monotonic()
+        weights = attach_stage(msg.handle, str(self.device))
+        spec = msg.spec
+        kv = KVCache(msg.last_layer - msg.first_layer, msg.num_blocks, msg.block_size, spec.num_kv_heads,
+                     spec.head_dim, getattr(self.torch, msg.dtype), self.device)
+        self.stages[msg.stage] = StageModel(weights, spec, msg.first_layer, msg.last_layer, msg.is_first,
+                                            msg.is_last, kv, self.device)
+        return {"host_s": time.monotonic() - t0, "kv_bytes": kv.nbytes}
+
+    def _open_link(self, msg: m.OpenLink) -> dict:
+        from kevlard.gpu.link import Link
+
+        old = self.links.pop(msg.peer, None)
+        if old is not None:
+            old.close()
+        self.links[msg.peer] = Link(msg.name, msg.rank, msg.store_host, msg.store_port, msg.timeout_s)
+        return {}
+
+    def _close_link(self, msg: m.CloseLink) -> dict:
+        link = self.links.pop(msg.peer, None)
+        if link is not None:
+            link.close()
+        return {}
+
+    def _inject(self, msg: m.InjectFault) -> None:
+        if msg.kind == "hang":
+            self.hung.set()
+            time.sleep(msg.duration_s if msg.duration_s else 10 ** 9)
+            self.hung.clear()
+        elif msg.kind == "slow":
+            self.slow_s = 0.2
+            self.slow_until = time.monotonic() + (msg.duration_s or 10 ** 9)
+        elif msg.kind == "device_error":
+            self.send(m.WorkerFailure(self.id, "device_error", "simulated CUDA error: an illegal memory access"))
+            os._exit(3)
+
+    # ---------------------------------------------------------------- the step
+
+    def _step(self, step: m.Step) -> None:
+        from kevlard.gpu.link import LinkError
+
+        try:
+            t0 = time.perf_counter()
+            sampled = self._run_step(step)
+            if self.slow_s and time.monotonic() < self.slow_until:
+                time.sleep(self.slow_s)
+            self.steps_done += 1
+            self.send(m.StepDone(self.id, step.step_id, sampled, time.perf_counter() - t0))
+        except LinkError as e:
+            self.send(m.StepFailed(self.id, step.step_id, str(e)))
+        except Exception as e:
+            if self.device.type == "cuda" and "CUDA" in str(e):
+                self.send(m.WorkerFailure(self.id, "device_error", str(e)))
+                os._exit(3)
+            self.send(m.StepFailed(self.id, step.step_id, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+
+    def _run_step(self, step: m.Step) -> tuple[tuple[int, int], ...]:
+        from kevlard.gpu.sampler import sample_row
+        from kevlard.gpu.stage import ChunkView
+
+        torch = self.torch
+        chunks = step.chunks
+        stage = self._stage_for(step)
+        kv = stage.kv
+        views, positions, offset = [], [], 0
+        for c in chunks:
+            end = c.start + c.num_tokens
+            views.append(ChunkView(offset, c.num_tokens, c.start, kv.slots(c.block_table, c.start, end),
+                                   kv.slots(c.block_table, 0, end)))
+            positions.append(torch.arange(c.start, end))
+            offset += c.num_tokens
+        positions_t = torch.cat(positions).to(self.device)
+        hidden_size = stage.spec.hidden_size
+        if step.recv_from is None:
+            ids = torch.tensor([t for c in chunks for t in c.token_ids], dtype=torch.long, device=self.device)
+            hidden = stage.embed(ids)
+        else:
+            hidden = self.links[step.recv_from].recv((offset, hidden_size), stage.dtype).to(self.device)
+        hidden = stage.forward(hidden, views, positions_t)  # [T, H]
+        if step.send_to is not None:
+            self.links[step.send_to].send(hidden.cpu())
+            return ()
+        rows = [v.offset + v.num_tokens - 1 for v, c in zip(views, chunks) if c.sample]
+        if not rows:
+            return ()
+        logits = stage.logits(hidden[torch.tensor(rows, device=self.device)])  # [S, V]
+        out, i = [], 0
+        for c in chunks:
+            if c.sample:
+                out.append((c.req_id, sample_row(logits[i], c.temperature, c.top_p, c.top_k, c.seed,
+                                                 c.output_index)))
+                i += 1
+        return tuple(out)
+
+    def _stage_for(self, step: m.Step):
+        # A worker hosts one stage today; a buddy serving two pipelines hosts the same stage for both.
+        if len(self.stages) != 1:
+            raise RuntimeError(f"worker {self.id} hosts {len(self.stages)} stages")
+        return next(iter(self.stages.values()))
+
+
+def worker_main(worker_id: int, device: str, conn, num_threads: int, heartbeat_interval_s: float) -> None:
+    """Entry point of the spawned process."""
+    import torch
+
+    torch.set_num_threads(max(1, num_threads))
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:
+        pass
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
+    try:
+        Worker(worker_id, device, conn, heartbeat_interval_s).run()
+    except Exception:
+        traceback.print_exc(file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,108 @@
+"""How worker processes are started and talked to: the one small interface a Ray launcher would replace.
+
+`LocalLauncher.spawn` starts one `torch.multiprocessing` spawn process per device and returns a
+`WorkerHandle`: send a message, get every reply through a callback, watch the process sentinel.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from typing import Callable
+
+from kevlard import messages as m
+
+log = logging.getLogger("kevlard.launcher")
+
+
+class WorkerHandle:
+    def __init__(self, worker_id: int, device: str, process, conn):
+        self.id = worker_id
+        self.device = device
+        self.process = process
+        self.conn = conn
+        self._send_lock = threading.Lock()
+        self._reader: threading.Thread | None = None
+        self.closed = False
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid
+
+    @property
+    def sentinel(self) -> int:
+        return self.process.sentinel
+
+    def is_alive(self) -> bool:
+        return self.process.is_alive()
+
+    @property
+    def exitcode(self) -> int | None:
+        return self.process.exitcode
+
+    def send(self, msg: object) -> bool:
+        """Send a message; False if the channel is gone (the worker died)."""
+        data = m.encode(msg)
+        with self._send_lock:
+            if self.closed:
+                return False
+            try:
+                self.conn.send_bytes(data)
+                return True
+            except (OSError, EOFError, BrokenPipeError, ValueError):
+                return False
+
+    def start_reader(self, on_message: Callable[[int, object], None], on_eof: Callable[[int], None]) -> None:
+        def read() -> None:
+            while True:
+                try:
+                    data = self.conn.recv_bytes()
+                except (EOFError, OSError, ValueError):
+                    on_eof(self.id)
+                    return
+                on_message(self.id, m.decode(data))
+
+        self._reader = threading.Thread(target=read, name=f"worker-{self.id}-reader", daemon=True)
+        self._reader.start()
+
+    def kill(self) -> None:
+        """SIGKILL the process if it still runs (fencing); the channel closes with it."""
+        if self.process.pid is not None and self.process.is_alive():
+            try:
+                os.kill(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def stop(self, timeout_s: float) -> None:
+        """Ask the worker to exit, SIGKILL it if it has not within timeout_s, and close the channel."""
+        self.send(m.Shutdown())
+        self.process.join(timeout_s)
+        if self.process.is_alive():
+            self.kill()
+            self.process.join(timeout_s)
+        with self._send_lock:
+            self.closed = True
+            self.conn.close()
+
+
+class LocalLauncher:
+    """Workers as local processes, one per device."""
+
+    def __init__(self, heartbeat_interval_s: float):
+        import torch.multiprocessing as tmp
+
+        self._ctx = tmp.get_context("spawn")
+        self.heartbeat_interval_s = heartbeat_interval_s
+
+    def spawn(self, worker_id: int, device: str, num_threads: int) -> WorkerHandle:
+        from kevlard.gpu.worker import worker_main
+
+        parent, child = self._ctx.Pipe(duplex=True)
+        proc = self._ctx.Process(target=worker_main, name=f"kevlard-worker-{worker_id}",
+                                 args=(worker_id, device, child, num_threads, self.heartbeat_interval_s),
+                                 daemon=True)
+        proc.start()
+        child.close()
+        log.info("worker %d spawned on %s (pid %s)", worker_id, device, proc.pid)
+        return WorkerHandle(worker_id, device, proc, parent)

@@ -1,0 +1,137 @@
+"""Typed messages between the daemon and its workers, and their one codec.
+
+Every message is a frozen dataclass; `encode`/`decode` turn one into bytes and back, so the
+channel can be a pipe today and a socket (or a Ray actor call) tomorrow.
+"""
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass, field
+from typing import Any
+
+
+# ---------------------------------------------------------------- daemon -> worker
+
+@dataclass(frozen=True)
+class HostStage:
+    """Host one stage: map (CPU) or copy (GPU) its weights from the host weight store."""
+    cmd_id: int
+    stage: int
+    first_layer: int
+    last_layer: int  # exclusive
+    is_first: bool
+    is_last: bool
+    handle: Any  # kevlard.gpu.weight_store.StageHandle
+    spec: Any  # kevlard.model_source.ModelSpec
+    num_blocks: int
+    block_size: int
+    dtype: str
+
+
+@dataclass(frozen=True)
+class OpenLink:
+    """Open a two-party link to `peer`; both sides get the same `name`, ranks 0 and 1."""
+    cmd_id: int
+    peer: int
+    name: str
+    rank: int
+    store_host: str
+    store_port: int
+    timeout_s: float
+
+
+@dataclass(frozen=True)
+class CloseLink:
+    cmd_id: int
+    peer: int
+
+
+@dataclass(frozen=True)
+class SeqChunk:
+    """One request's slice of a micro-batch: tokens [start, start + num_tokens) of its sequence."""
+    req_id: int
+    start: int
+    num_tokens: int
+    block_table: tuple[int, ...]
+    token_ids: tuple[int, ...] = ()  # only sent to the first stage
+    sample: bool = False  # the last stage samples one token after this chunk
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    output_index: int = 0  # which output token this sample is: seeds the draw, so replays match
+
+
+@dataclass(frozen=True)
+class Step:
+    step_id: int
+    pipeline: int
+    chunks: tuple[SeqChunk, ...]
+    recv_from: int | None  # worker id of the previous stage, None for the first stage
+    send_to: int | None  # worker id of the next stage, None for the last stage
+
+
+@dataclass(frozen=True)
+class InjectFault:
+    kind: str  # hang | slow | device_error
+    duration_s: float | None = None
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    pass
+
+
+# ---------------------------------------------------------------- worker -> daemon
+
+@dataclass(frozen=True)
+class WorkerReady:
+    worker_id: int
+    pid: int
+    device: str
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    worker_id: int
+    sent_at: float  # time.monotonic() in the worker is not comparable; the daemon stamps arrival
+    steps_done: int = 0
+
+
+@dataclass(frozen=True)
+class CommandDone:
+    worker_id: int
+    cmd_id: int
+    error: str | None = None
+    info: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StepDone:
+    worker_id: int
+    step_id: int
+    sampled: tuple[tuple[int, int], ...] = ()  # (req_id, token) from the last stage
+    compute_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class StepFailed:
+    worker_id: int
+    step_id: int
+    error: str
+
+
+@dataclass(frozen=True)
+class WorkerFailure:
+    """The worker hit an error it cannot recover from (a device error) and is about to exit."""
+    worker_id: int
+    kind: str
+    message: str
+
+
+def encode(msg: object) -> bytes:
+    return pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def decode(data: bytes) -> object:
+    return pickle.loads(data)

@@ -1,0 +1,220 @@
+"""The scheduler: a pure state machine over requests, pipelines and KV blocks.
+
+`schedule(pipeline)` returns the next micro-batch for a pipeline (a `StepPlan`), and
+`update_from_output(step_id, sampled)` takes its sampled tokens back. Continuous batching under a
+token budget: decodes first, then prefill chunks; admission by free KV blocks; preemption by
+recompute when blocks run out. No torch here: it is tested with plain integers.
+"""
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+
+from kevlard.messages import SeqChunk
+from kevlard.scheduler.block_manager import BlockManager
+from kevlard.scheduler.request import Request, Status
+
+
+@dataclass
+class StepPlan:
+    step_id: int
+    pipeline: int
+    chunks: list[SeqChunk]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+
+@dataclass
+class RequestUpdate:
+    req_id: int
+    new_token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+class Scheduler:
+    def __init__(self, num_pipelines: int, num_blocks: int, block_size: int, max_batch_tokens: int,
+                 max_running: int, max_waiting: int):
+        self.block_size = block_size
+        self.max_batch_tokens = max_batch_tokens
+        self.max_running = max_running
+        self.max_waiting = max_waiting
+        self.blocks = [BlockManager(num_blocks, block_size) for _ in range(num_pipelines)]
+        self.active = [True] * num_pipelines  # a pipeline without a complete route takes no requests
+        self.requests: dict[int, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[list[Request]] = [[] for _ in range(num_pipelines)]
+        self.in_flight: dict[int, StepPlan] = {}
+        self._step_ids = itertools.count(1)
+        self.num_preemptions = 0
+
+    # ---------------------------------------------------------------- requests in and out
+
+    @property
+    def num_pipelines(self) -> int:
+        return len(self.blocks)
+
+    def can_add(self) -> bool:
+        return len(self.waiting) < self.max_waiting
+
+    def add(self, req: Request) -> None:
+        if not self.can_add():
+            raise OverflowError("waiting queue is full")
+        self.requests[req.id] = req
+        self.waiting.append(req)
+
+    def abort(self, req_id: int) -> None:
+        req = self.requests.get(req_id)
+        if req is not None and not req.is_finished:
+            self._finish(req, "abort")
+
+    def _finish(self, req: Request, reason: str) -> None:
+        req.status = Status.FINISHED
+        req.finish_reason = reason
+        if req.pipeline is not None:
+            self.blocks[req.pipeline].free(req)
+            self.running[req.pipeline].remove(req)
+        else:
+            try:
+                self.waiting.remove(req)
+            except ValueError:
+                pass
+        del self.requests[req.id]
+
+    def _preempt(self, req: Request) -> None:
+        """Free the request's blocks; it recomputes prompt + output so far when it runs again."""
+        self.blocks[req.pipeline].free(req)
+        self.running[req.pipeline].remove(req)
+        req.pipeline = None
+        req.status = Status.WAITING
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        # back in arrival order, ahead of later arrivals
+        pos = next((i for i, w in enumerate(self.waiting) if w.arrival > req.arrival), len(self.waiting))
+        self.waiting.insert(pos, req)
+
+    # ---------------------------------------------------------------- admission
+
+    def _admit(self) -> None:
+        while self.waiting:
+            req = self.waiting[0]
+            choices = [p for p in range(self.num_pipelines)
+                       if self.active[p] and len(self.running[p]) < self.max_running
+                       and self.blocks[p].can_allocate(req, req.num_tokens + 1)]
+            if not choices:
+                return
+            p = min(choices, key=lambda q: (len(self.running[q]), -self.blocks[q].num_free_blocks))
+            self.waiting.popleft()
+            req.pipeline = p
+            req.status = Status.RUNNING
+            self.running[p].append(req)
+
+    # ---------------------------------------------------------------- one micro-batch
+
+    def schedule(self, pipeline: int) -> StepPlan | None:
+        if not self.active[pipeline]:
+            return None
+        self._admit()
+        blocks = self.blocks[pipeline]
+        budget = self.max_batch_tokens
+        chunks: list[SeqChunk] = []
+        picked: list[Request] = []
+        ready = [r for r in self.running[pipeline] if not r.in_flight]
+        decodes = [r for r in ready if r.num_uncomputed_tokens == 1]
+        prefills = [r for r in ready if r.num_uncomputed_tokens > 1]
+        for req in decodes + prefills:
+            if budget <= 0:
+                break
+            if req.status is not Status.RUNNING or req.pipeline != pipeline:
+                continue  # preempted while this plan was being built
+            n = min(req.num_uncomputed_tokens, budget)
+            end = req.num_computed_tokens + n
+            while not blocks.can_allocate(req, end):
+                victim = self._victim(pipeline, exclude=req)
+                if victim is None:
+                    break
+                self._preempt(victim)
+            if not blocks.can_allocate(req, end):
+                continue
+            blocks.allocate(req, end)
+            sample = end == req.num_tokens
+            chunks.append(SeqChunk(
+                req_id=req.id, start=req.num_computed_tokens, num_tokens=n, block_table=tuple(req.block_ids),
+                token_ids=tuple(req.token_ids(req.num_computed_tokens, end)), sample=sample,
+                temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed,
+                output_index=len(req.output_token_ids)))
+            req.in_flight = True
+            picked.append(req)
+            budget -= n
+        if not chunks:
+            return None
+        plan = StepPlan(next(self._step_ids), pipeline, chunks)
+        self.in_flight[plan.step_id] = plan
+        return plan
+
+    def _victim(self, pipeline: int, exclude: Request) -> Request | None:
+        """The latest arrival on the pipeline that is not in flight: it loses the least work."""
+        candidates = [r for r in self.running[pipeline] if r is not exclude and not r.in_flight]
+        if not candidates:
+            return None
+        latest = max(candidates, key=lambda r: r.arrival)
+        return latest if latest.arrival >= exclude.arrival else None
+
+    def update_from_output(self, step_id: int, sampled: dict[int, int]) -> list[RequestUpdate]:
+        plan = self.in_flight.pop(step_id)
+        updates = []
+        for c in plan.chunks:
+            req = self.requests.get(c.req_id)
+            if req is None or req.is_finished:
+                continue  # aborted while in flight
+            req.in_flight = False
+            req.num_computed_tokens = c.start + c.num_tokens
+            if not c.sample:
+                continue
+            token = sampled[c.req_id]
+            req.output_token_ids.append(token)
+            reason = req.finish_reason_after(token)
+            updates.append(RequestUpdate(req.id, [token], reason))
+            if reason is not None:
+                self._finish(req, reason)
+        return updates
+
+    def fail_step(self, step_id: int) -> list[int]:
+        """A micro-batch was lost: its requests run the same tokens again. Returns their ids."""
+        plan = self.in_flight.pop(step_id, None)
+        if plan is None:
+            return []
+        ids = []
+        for c in plan.chunks:
+            req = self.requests.get(c.req_id)
+            if req is not None and not req.is_finished:
+                req.in_flight = False
+                ids.append(req.id)
+        return ids
+
+    def deactivate(self, pipeline: int) -> None:
+        """The pipeline lost its route: its requests go back to waiting and recompute elsewhere."""
+        self.active[pipeline] = False
+        for req in list(self.running[pipeline]):
+            req.in_flight = False
+            self._preempt(req)
+
+    def activate(self, pipeline: int) -> None:
+        self.active[pipeline] = True
+
+    # ---------------------------------------------------------------- views
+
+    def num_running(self) -> int:
+        return sum(len(r) for r in self.running)
+
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def has_work(self, pipeline: int) -> bool:
+        return any(not r.in_flight for r in self.running[pipeline]) or bool(self.waiting)
+
+    def kv_usage(self) -> float:
+        return sum(b.usage for b in self.blocks) / len(self.blocks)

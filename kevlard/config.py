@@ -106,9 +106,28 @@ class Config:
             _check(Path(self.model.path).expanduser().exists(), "model.path", "does not exist",
                    self.model.path)
         parse_devices(self.cluster.devices)  # raises ConfigError naming cluster.devices
-        _check(self.cluster.pipelines >= 0, "cluster.pipelines", "must be >= 1", self.cluster.pipelines)
-        _check(self.cluster.stages >= 0, "cluster.stages", "must be >= 1", self.cluster.stages)
-        _check(self.cluster.spares >= -1, "cluster.spares", "must be >= 0", self.cluster.spares)
+        _check(self.cluster.pipelines >= 0, "cluster.pipelines", "must be >= 1 (or 0 to derive)",
+               self.cluster.pipelines)
+        _check(self.cluster.stages >= 0, "cluster.stages", "must be >= 1 (or 0 to derive)", self.cluster.stages)
+        _check(self.cluster.spares >= -1, "cluster.spares", "must be >= 0 (or -1 to derive)", self.cluster.spares)
+        _check(self.cluster.worker_start_timeout_s > 0, "cluster.worker_start_timeout_s", "must be > 0",
+               self.cluster.worker_start_timeout_s)
+        _check(self.cluster.link_timeout_s > 0, "cluster.link_timeout_s", "must be > 0",
+               self.cluster.link_timeout_s)
+        _check(self.cluster.threads_per_worker >= 0, "cluster.threads_per_worker", "must be >= 0",
+               self.cluster.threads_per_worker)
+        _check(self.scheduler.microbatches >= 0, "scheduler.microbatches", "must be >= 0",
+               self.scheduler.microbatches)
+        _check(self.scheduler.step_timeout_s > 0, "scheduler.step_timeout_s", "must be > 0",
+               self.scheduler.step_timeout_s)
+        _check(self.scheduler.no_route_wait_s >= 0, "scheduler.no_route_wait_s", "must be >= 0",
+               self.scheduler.no_route_wait_s)
+        _check(self.server.max_prompt_tokens >= 0, "server.max_prompt_tokens", "must be >= 0",
+               self.server.max_prompt_tokens)
+        _check(self.model.max_model_len >= 0, "model.max_model_len", "must be >= 0", self.model.max_model_len)
+        _check(bool(self.server.host.strip()), "server.host", "must not be empty", self.server.host)
+        _check(self.server.default_max_tokens <= self.server.max_tokens_limit, "server.default_max_tokens",
+               "must not exceed server.max_tokens_limit", self.server.default_max_tokens)
         _check(self.kv.block_size in (1, 2, 4, 8, 16, 32, 64, 128), "kv.block_size",
                "must be a power of two in 1..128", self.kv.block_size)
         _check(self.kv.num_blocks >= 0, "kv.num_blocks", "must be >= 0", self.kv.num_blocks)
@@ -177,6 +196,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
             continue
         section, _, key = dotted.rpartition(".")
         target = raw.setdefault(section, {}) if section else raw
+        if not isinstance(target, dict):
+            raise ConfigError(f"{section}: must be a table")
         target[key] = value
     return _build(raw).validate()
 
@@ -228,9 +249,12 @@ def _coerce(name: str, default: Any, value: Any) -> Any:
         if isinstance(value, bool):
             raise ConfigError(f"{name}: must be a number, got {value!r}")
         try:
-            return float(value)
+            number = float(value) if isinstance(value, (int, float)) else float(str(value).strip())
         except (TypeError, ValueError):
             raise ConfigError(f"{name}: must be a number, got {value!r}") from None
+        if number != number or number in (float("inf"), float("-inf")):
+            raise ConfigError(f"{name}: must be a finite number, got {value!r}")
+        return number
     if not isinstance(value, str):
         raise ConfigError(f"{name}: must be a string, got {value!r}")
     return value

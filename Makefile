@@ -1,0 +1,25 @@
+# make serve [ARGS="--port 9000 --devices cpu:4"]
+# make test  [PYTEST_ARGS="tests/test_config.py -x"]
+# Both create or reuse .venv and install into it first (quick when nothing changed).
+
+PYTHON ?= python3
+VENV ?= .venv
+ARGS ?=
+PYTEST_ARGS ?=
+STAMP := $(VENV)/.kevlard-installed
+
+.PHONY: install serve test clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/install.sh
+	VENV="$(VENV)" PYTHON="$(PYTHON)" scripts/install.sh
+
+serve: $(STAMP)
+	$(VENV)/bin/kevlard serve $(ARGS)
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,174 @@
+"""The `kevlard` command: serve, and small clients for a running daemon (fault, status).
+
+Heavy imports (torch, the daemon, httpx) happen inside the subcommand that needs them, so that
+`kevlard --help` and configuration errors answer at once.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Sequence
+
+from kevlard import __version__
+
+HTTP_TIMEOUT_S = 10.0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_usage(sys.stderr)
+        print("kevlard: error: a command is required (serve, bench, fault, status)", file=sys.stderr)
+        return 2
+    return args.run(args)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kevlard", description="Fault-tolerant LLM serving daemon.")
+    parser.add_argument("--version", action="version", version=f"kevlard {__version__}")
+    parser.set_defaults(command=None)
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the daemon (OpenAI-compatible API)")
+    serve.add_argument("--config", metavar="PATH", help="kevlard.toml to load (default: built-in defaults)")
+    serve.add_argument("--host", help="server.host")
+    serve.add_argument("--port", type=int, help="server.port")
+    serve.add_argument("--model", metavar="PATH", help="model.path: a Hugging Face directory or a .gguf file")
+    serve.add_argument("--devices", help="cluster.devices: auto | cpu:N | cuda:0,1,...")
+    serve.add_argument("--pipelines", type=int, metavar="P", help="cluster.pipelines")
+    serve.add_argument("--stages", type=int, metavar="K", help="cluster.stages")
+    serve.add_argument("--spares", type=int, metavar="S", help="cluster.spares")
+    # Not argparse choices: config validation gives the same message as for the file.
+    serve.add_argument("--log-format", help="log_format: text | json")
+    serve.set_defaults(command="serve", run=_serve)
+
+    bench = sub.add_parser("bench", help="benchmark a running daemon (not implemented yet)")
+    bench.set_defaults(command="bench", run=_not_implemented)
+
+    fault = sub.add_parser("fault", help="inject a fault into a worker of a running daemon")
+    fault.add_argument("--url", required=True, help="the daemon, e.g. http://127.0.0.1:8000")
+    fault.add_argument("--worker", required=True, metavar="ID", help="worker id (see `kevlard status`)")
+    fault.add_argument("--kind", required=True, help="fault kind, e.g. kill")
+    fault.add_argument("--duration-s", type=float, metavar="X", help="how long the fault lasts, where it applies")
+    fault.add_argument("--token", default="", help="admin token (server.admin_token, or the one the daemon printed)")
+    fault.set_defaults(command="fault", run=_fault)
+
+    status = sub.add_parser("status", help="show the workers and pipelines of a running daemon")
+    status.add_argument("--url", required=True, help="the daemon, e.g. http://127.0.0.1:8000")
+    status.set_defaults(command="status", run=_status)
+    return parser
+
+
+def serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Dotted config overrides from the flags that were given."""
+    flags = {
+        "server.host": args.host,
+        "server.port": args.port,
+        "model.path": args.model,
+        "cluster.devices": args.devices,
+        "cluster.pipelines": args.pipelines,
+        "cluster.stages": args.stages,
+        "cluster.spares": args.spares,
+        "log_format": args.log_format,
+    }
+    return {key: value for key, value in flags.items() if value is not None}
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from kevlard.config import ConfigError, load_config
+
+    try:
+        config = load_config(args.config, serve_overrides(args))
+    except ConfigError as e:
+        print(f"kevlard: invalid configuration: {e}", file=sys.stderr)
+        return 2
+    from kevlard.daemon import serve
+
+    return serve(config)
+
+
+def _not_implemented(args: argparse.Namespace) -> int:
+    print(f"kevlard {args.command}: not implemented yet", file=sys.stderr)
+    return 2
+
+
+def _fault(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"worker": _worker_id(args.worker), "kind": args.kind}
+    if args.duration_s is not None:
+        body["duration_s"] = args.duration_s
+    headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
+    reply = _request("POST", args.url, "/api/faults", json=body, headers=headers)
+    if reply is None:
+        return 1
+    print(json.dumps(reply, indent=2))
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    snapshot = _request("GET", args.url, "/api/cluster")
+    if snapshot is None:
+        return 1
+    print("workers")
+    print(format_table(_rows(snapshot.get("workers", []))))
+    print()
+    print("pipelines")
+    print(format_table(_rows(snapshot.get("pipelines", []))))
+    return 0
+
+
+def _worker_id(text: str) -> int | str:
+    return int(text) if text.isdecimal() else text
+
+
+def _request(method: str, url: str, path: str, **kwargs: Any) -> Any:
+    """The reply's JSON, or None after printing why to stderr."""
+    import httpx
+
+    target = url.rstrip("/") + path
+    try:
+        response = httpx.request(method, target, timeout=HTTP_TIMEOUT_S, **kwargs)
+    except httpx.HTTPError as e:
+        print(f"kevlard: cannot reach {target}: {e}", file=sys.stderr)
+        return None
+    if response.is_error:
+        print(f"kevlard: {method} {target} answered {response.status_code}: {response.text}", file=sys.stderr)
+        return None
+    try:
+        return response.json()
+    except ValueError:
+        print(f"kevlard: {method} {target} did not answer JSON: {response.text[:200]!r}", file=sys.stderr)
+        return None
+
+
+def _rows(items: Any) -> list[dict[str, Any]]:
+    """Accept a list of objects, or an object keyed by id."""
+    if isinstance(items, dict):
+        return [{"id": key, **value} if isinstance(value, dict) else {"id": key, "value": value}
+                for key, value in items.items()]
+    return [item if isinstance(item, dict) else {"value": item} for item in items]
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """A plain text table; columns in order of first appearance."""
+    if not rows:
+        return "  (none)"
+    columns: list[str] = []
+    for row in rows:
+        columns += [key for key in row if key not in columns]
+    cells = [[_cell(row.get(column)) for column in columns] for row in rows]
+    widths = [max(len(column), *(len(line[i]) for line in cells)) for i, column in enumerate(columns)]
+    lines = [columns, *cells]
+    return "\n".join("  " + "  ".join(text.ljust(width) for text, width in zip(line, widths)).rstrip()
+                     for line in lines)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, (list, tuple)):
+        return ",".join(_cell(item) for item in value)
+    if isinstance(value, dict):
+        return json.dumps(value, separators=(",", ":"))
+    return str(value)

@@ -1,0 +1,156 @@
+"""The scheduler as a pure state machine, with plain integers for tokens."""
+import pytest
+
+from kevlard.scheduler.block_manager import BlockManager
+from kevlard.scheduler.request import Request
+from kevlard.scheduler.scheduler import Scheduler
+
+
+def make(num_pipelines=1, num_blocks=16, block_size=4, budget=8, max_running=8, max_waiting=4):
+    return Scheduler(num_pipelines, num_blocks, block_size, budget, max_running, max_waiting)
+
+
+def req(rid, prompt_len=6, max_tokens=3, arrival=None, eos=frozenset({99})):
+    return Request(id=rid, prompt_token_ids=list(range(1, prompt_len + 1)), max_tokens=max_tokens,
+                   stop_token_ids=eos, arrival=float(rid if arrival is None else arrival))
+
+
+def run_step(s, pipeline, token=7):
+    plan = s.schedule(pipeline)
+    assert plan is not None
+    return plan, s.update_from_output(plan.step_id, {c.req_id: token for c in plan.chunks if c.sample})
+
+
+def test_prefill_is_chunked_under_the_token_budget_and_samples_only_at_the_end():
+    s = make(budget=4)
+    s.add(req(1, prompt_len=10))
+    plan, updates = run_step(s, 0)
+    assert [(c.start, c.num_tokens, c.sample) for c in plan.chunks] == [(0, 4, False)]
+    assert plan.chunks[0].token_ids == (1, 2, 3, 4)
+    assert updates == []
+    run_step(s, 0)
+    plan, updates = run_step(s, 0)
+    assert [(c.start, c.num_tokens, c.sample) for c in plan.chunks] == [(8, 2, True)]
+    assert [u.new_token_ids for u in updates] == [[7]]
+
+
+def test_decode_feeds_the_last_sampled_token_and_finishes_at_max_tokens():
+    s = make()
+    s.add(req(1, prompt_len=3, max_tokens=3))
+    tokens = []
+    for t in (11, 12, 13):
+        plan, updates = run_step(s, 0, token=t)
+        tokens += updates[0].new_token_ids
+    assert tokens == [11, 12, 13]
+    assert updates[0].finish_reason == "length"
+    assert plan.chunks[0].token_ids == (12,) and plan.chunks[0].output_index == 2
+    assert s.blocks[0].num_free_blocks == 16 and s.num_running() == 0
+
+
+def test_stop_token_finishes_with_stop_and_frees_blocks():
+    s = make()
+    s.add(req(1, max_tokens=10))
+    _, updates = run_step(s, 0, token=99)
+    assert updates[0].finish_reason == "stop"
+    assert s.blocks[0].num_free_blocks == 16
+
+
+def test_in_flight_requests_are_not_scheduled_twice():
+    s = make()
+    s.add(req(1))
+    first = s.schedule(0)
+    assert first is not None
+    assert s.schedule(0) is None  # its only request is in flight
+    s.add(req(2))
+    second = s.schedule(0)
+    assert [c.req_id for c in second.chunks] == [2]
+
+
+def test_requests_spread_over_pipelines_by_load():
+    s = make(num_pipelines=2)
+    for i in range(4):
+        s.add(req(i))
+    s.schedule(0)
+    assert [len(r) for r in s.running] == [2, 2]
+
+
+def test_waiting_queue_bound():
+    s = make(max_waiting=2)
+    s.add(req(1))
+    s.add(req(2))
+    assert not s.can_add()
+    with pytest.raises(OverflowError):
+        s.add(req(3))
+
+
+def test_admission_waits_for_free_blocks():
+    s = make(num_blocks=3, block_size=4, budget=64)
+    s.add(req(1, prompt_len=8))  # needs 3 blocks with its first output token
+    s.add(req(2, prompt_len=8))
+    plan = s.schedule(0)
+    assert [c.req_id for c in plan.chunks] == [1]
+    assert s.num_waiting() == 1
+
+
+def test_preemption_by_recompute_when_blocks_run_out():
+    s = make(num_blocks=4, block_size=4, budget=64)
+    s.add(req(1, prompt_len=7, max_tokens=20))
+    s.add(req(2, prompt_len=7, max_tokens=20))
+    run_step(s, 0)  # both prefilled: 2 blocks each (8 tokens), all 4 used
+    assert s.blocks[0].num_free_blocks == 0
+    run_step(s, 0)  # position 7 still fits in the second block
+    # the next decodes need a third block each: the later arrival is preempted
+    plan, _ = run_step(s, 0)
+    assert [c.req_id for c in plan.chunks] == [1]
+    assert s.num_preemptions == 1 and s.requests[2].num_computed_tokens == 0
+    assert s.requests[2].output_token_ids == [7, 7]  # kept: recomputed, not resampled
+    # request 2 resumes by recomputing prompt + its output when 1 is done
+    s.abort(1)
+    plan, updates = run_step(s, 0, token=8)
+    assert plan.chunks[0].token_ids == tuple(range(1, 8)) + (7, 7)
+    assert plan.chunks[0].output_index == 2
+    assert updates[0].new_token_ids == [8]
+
+
+def test_abort_in_flight_frees_blocks_and_drops_its_output():
+    s = make()
+    s.add(req(1))
+    plan = s.schedule(0)
+    s.abort(1)
+    assert s.blocks[0].num_free_blocks == 16
+    assert s.update_from_output(plan.step_id, {1: 5}) == []
+
+
+def test_failed_step_reruns_the_same_tokens():
+    s = make()
+    s.add(req(1, prompt_len=5))
+    plan = s.schedule(0)
+    assert s.fail_step(plan.step_id) == [1]
+    again = s.schedule(0)
+    assert (again.chunks[0].start, again.chunks[0].num_tokens) == (0, 5)
+
+
+def test_deactivated_pipeline_hands_its_requests_to_the_others():
+    s = make(num_pipelines=2)
+    s.add(req(1))
+    s.add(req(2))
+    s.schedule(0)
+    s.schedule(1)
+    p_of_1 = s.requests[1].pipeline
+    s.fail_step(next(iter(k for k, v in s.in_flight.items() if v.pipeline == p_of_1)))
+    s.deactivate(p_of_1)
+    plan = s.schedule(1 - p_of_1)
+    assert plan is not None and [c.req_id for c in plan.chunks] == [1]
+    assert s.schedule(p_of_1) is None
+
+
+def test_block_manager_pairs():
+    bm = BlockManager(2, 4)
+    r = req(1)
+    assert bm.can_allocate(r, 8) and not bm.can_allocate(r, 9)
+    bm.allocate(r, 5)
+    assert len(r.block_ids) == 2 and bm.num_free_blocks == 0
+    with pytest.raises(RuntimeError):
+        bm.allocate(r, 9)
+    bm.free(r)
+    assert bm.num_free_blocks == 2 and r.block_ids == []

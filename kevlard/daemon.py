@@ -8,9 +8,11 @@ let in-flight requests finish within `server.drain_timeout_s`, stop the workers,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 import time
 
@@ -46,7 +48,8 @@ def serve(config: Config) -> int:
     except ConfigError as e:
         log.error("invalid configuration: %s", e)
         return 2
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        log.info("start-up interrupted")
         return 0
     except Exception as e:  # start-up failures: a clear line, a non-zero exit for systemd
         from kevlard.cluster import WorkerStartError
@@ -64,8 +67,15 @@ def _cuda_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+def _on_signals(handler) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, handler)
+
+
 async def _serve(config: Config) -> int:
     t0 = time.monotonic()
+    _on_signals(asyncio.current_task().cancel)  # during start-up: stop, clean up, exit
     from kevlard.cluster import Cluster
     from kevlard.engine import KevlarEngine
     from kevlard.gpu.kv_cache import bytes_per_block
@@ -132,7 +142,16 @@ async def _run_http(config: Config, engine, t0: float) -> int:
     server = uvicorn.Server(uvicorn.Config(app, host=config.server.host, port=config.server.port,
                                            log_level="warning", access_log=False, lifespan="off",
                                            timeout_graceful_shutdown=max(1, int(config.server.drain_timeout_s))))
+    server.capture_signals = contextlib.nullcontext  # ours below: drain and exit 0, not re-raise
     task = asyncio.create_task(server.serve())
+
+    def stop() -> None:
+        if server.should_exit:
+            server.force_exit = True  # a second signal: do not wait for the drain
+        server.should_exit = True
+        log.info("shutting down: no new connections, draining in-flight requests")
+
+    _on_signals(stop)
     while not server.started and not task.done():
         await asyncio.sleep(0.02)
     if task.done():

@@ -1,0 +1,235 @@
+"""The host weight store: the model's weights, loaded once into one shared-memory file.
+
+The daemon reads the safetensors checkpoint tensor by tensor into
+`/dev/shm/kevlard-<daemon pid>-<tag>-weights`, cast to the serving dtype, each tensor at a
+64-byte-aligned offset, in checkpoint order (embeddings, layer 0, layer 1, ..., norm, lm_head) so
+that a stage's bytes are contiguous. A worker maps the file with `attach_stage` and gets its
+stage's tensors without a disk read: on CPU they ARE the shared pages (no copy); on CUDA the
+mapping is pinned with cudaHostRegister and copied to the device. Any worker can therefore host
+any stage at any time (rehost) while the others keep serving.
+
+A plain file in /dev/shm, not multiprocessing.shared_memory, whose resource tracker unlinks
+segments behind our back. `cleanup_stale_segments` removes files left by daemons that died.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kevlard.model_source import ModelSource
+
+SHM_DIR = "/dev/shm"
+ALIGNMENT = 64
+_SEGMENT_RE = re.compile(r"^kevlard-(\d+)-.*$")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_untagged = itertools.count()
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    name: str  # the checkpoint's name, e.g. model.layers.3.self_attn.q_proj.weight
+    offset: int  # bytes from the start of the file, a multiple of ALIGNMENT
+    shape: tuple[int, ...]
+    dtype: str  # a torch dtype name without "torch.", e.g. "float32"
+
+    @property
+    def nbytes(self) -> int:
+        numel = 1
+        for size in self.shape:
+            numel *= size
+        return numel * _torch_dtype(self.dtype).itemsize
+
+
+@dataclass(frozen=True)
+class StageHandle:
+    """What a worker needs to map one stage; picklable."""
+
+    path: str
+    total_bytes: int  # the whole file; entry offsets are absolute
+    entries: tuple[TensorEntry, ...]
+
+
+class HostWeightStore:
+    """Owns the shared-memory file; only the process that created it may close it."""
+
+    def __init__(self, path: Path, buffer: torch.Tensor, entries: dict[str, TensorEntry], source: ModelSource):
+        self._path = path
+        self._buffer: torch.Tensor | None = buffer  # [nbytes] uint8, MAP_SHARED over the file
+        self._entries = entries
+        self._source = source
+
+    @classmethod
+    def create(cls, source: ModelSource, dtype: str, tag: str = "", shm_dir: str = SHM_DIR) -> "HostWeightStore":
+        """Read `source`'s safetensors tensor by tensor into a new shared-memory file."""
+        from safetensors import safe_open
+
+        if dtype not in _DTYPES:
+            raise ValueError(f"model.dtype: must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+        files = source.tensor_files()
+        names = _store_order(files, source.spec.num_layers, source.spec.tie_word_embeddings)
+        entries, offset = {}, 0
+        for name in names:
+            with safe_open(str(files[name]), framework="pt") as handle:
+                sl = handle.get_slice(name)
+                shape, raw_dtype = tuple(sl.get_shape()), sl.get_dtype()
+            stored = dtype if raw_dtype in ("F32", "F16", "BF16", "F64") else _SAFETENSORS_DTYPES[raw_dtype]
+            entries[name] = TensorEntry(name, offset, shape, stored)
+            offset = _aligned(offset + entries[name].nbytes)
+        total = max(offset, ALIGNMENT)
+
+        path = Path(shm_dir) / f"kevlard-{os.getpid()}-{tag or next(_untagged)}-weights"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            try:
+                # Reserve the pages now: a full tmpfs then fails here with ENOSPC instead of
+                # SIGBUS-killing the daemon halfway through the copy.
+                os.posix_fallocate(fd, 0, total)
+            except OSError as error:
+                raise MemoryError(
+                    f"cannot reserve {total / 2**20:.0f} MiB in {shm_dir} for the weights: {error}"
+                ) from error
+        finally:
+            os.close(fd)
+        try:
+            buffer = torch.from_file(str(path), shared=True, size=total, dtype=torch.uint8)
+            by_file: dict[Path, list[str]] = {}
+            for name in names:
+                by_file.setdefault(files[name], []).append(name)
+            for file, file_names in by_file.items():
+                with safe_open(str(file), framework="pt") as handle:
+                    for name in file_names:
+                        _view(buffer, entries[name]).copy_(handle.get_tensor(name))
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        return cls(path, buffer, entries, source)
+
+    def stage_handle(self, first_layer: int, last_layer: int, is_first: bool, is_last: bool) -> StageHandle:
+        """Layers [first_layer, last_layer); the first stage adds the embeddings, the last the
+        final norm and the output projection (the embeddings themselves when tied)."""
+        num_layers = self._source.spec.num_layers
+        if not 0 <= first_layer < last_layer <= num_layers:
+            raise ValueError(f"stage layers [{first_layer}, {last_layer}) outside [0, {num_layers})")
+        if self._buffer is None:
+            raise ValueError(f"weight store {self._path} is closed")
+        names = ["model.embed_tokens.weight"] if is_first else []
+        prefixes = tuple(f"model.layers.{i}." for i in range(first_layer, last_layer))
+        names += [name for name in self._entries if name.startswith(prefixes)]
+        if is_last:
+            names.append("model.norm.weight")
+            head = "model.embed_tokens.weight" if self._source.spec.tie_word_embeddings else "lm_head.weight"
+            if head not in names:
+                names.append(head)
+        return StageHandle(str(self._path), self.nbytes, tuple(self._entries[name] for name in names))
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """One stored tensor (a view of the shared file), for checks and the daemon's own use."""
+        if self._buffer is None:
+            raise ValueError(f"weight store {self._path} is closed")
+        return _view(self._buffer, self._entries[name])
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    @property
+    def nbytes(self) -> int:
+        return self._buffer.numel() if self._buffer is not None else 0
+
+    @property
+    def entries(self) -> dict[str, TensorEntry]:
+        return dict(self._entries)
+
+    def close(self) -> None:
+        """Unmap and unlink the file; workers that mapped it keep their pages until they unmap."""
+        self._buffer = None  # the mapping goes with the last tensor that views it
+        self._path.unlink(missing_ok=True)
+
+    def __enter__(self) -> "HostWeightStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def attach_stage(handle: StageHandle, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Map a stage in a worker. On CPU the tensors view the shared pages (no read, no copy; do
+    not write to them). On CUDA the stage's bytes are pinned and copied to `device`."""
+    buffer = torch.from_file(handle.path, shared=True, size=handle.total_bytes, dtype=torch.uint8)
+    host = {entry.name: _view(buffer, entry) for entry in handle.entries}
+    if not device.startswith("cuda"):
+        return host
+    start = min(entry.offset for entry in handle.entries) // 4096 * 4096
+    end = max(entry.offset + entry.nbytes for entry in handle.entries)
+    pointer, size = buffer.data_ptr() + start, end - start
+    cudart = torch.cuda.cudart()
+    registered = int(cudart.cudaHostRegister(pointer, size, 0)) == 0  # pageable copy if it fails
+    try:
+        on_device = {name: tensor.to(device, non_blocking=registered) for name, tensor in host.items()}
+        torch.cuda.synchronize(device)
+    finally:
+        if registered:
+            cudart.cudaHostUnregister(pointer)
+    return on_device
+
+
+def cleanup_stale_segments(shm_dir: str = SHM_DIR) -> list[str]:
+    """Remove `kevlard-<pid>-*` files whose daemon is gone; returns the names removed."""
+    removed = []
+    for entry in sorted(os.listdir(shm_dir)):
+        match = _SEGMENT_RE.match(entry)
+        if match and not _pid_alive(int(match.group(1))):
+            try:
+                os.unlink(os.path.join(shm_dir, entry))
+                removed.append(entry)
+            except FileNotFoundError:
+                pass  # another daemon cleaned it first
+    return removed
+
+
+def _store_order(files: dict, num_layers: int, tied: bool) -> list[str]:
+    """The tensors a stage can ask for, embeddings first and layers in order."""
+    def layer_of(name: str) -> int:
+        return int(name.split(".")[2])
+
+    layers = sorted(
+        (name for name in files if name.startswith("model.layers.") and layer_of(name) < num_layers),
+        key=lambda name: (layer_of(name), name),
+    )
+    names = ["model.embed_tokens.weight", *layers, "model.norm.weight"]
+    if not tied:
+        names.append("lm_head.weight")
+    missing = [name for name in names if name not in files]
+    if missing:
+        raise ValueError(f"checkpoint lacks {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    return names
+
+
+_SAFETENSORS_DTYPES = {"I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    return getattr(torch, name)
+
+
+def _aligned(offset: int) -> int:
+    return (offset + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
+
+
+def _view(buffer: torch.Tensor, entry: TensorEntry) -> torch.Tensor:
+    return buffer[entry.offset : entry.offset + entry.nbytes].view(_torch_dtype(entry.dtype)).view(entry.shape)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -108,6 +108,7 @@ class Scheduler:
                 return
             p = min(choices, key=lambda q: (len(self.running[q]), -self.blocks[q].num_free_blocks))
             self.waiting.popleft()
+            self.blocks[p].allocate(req, req.num_tokens + 1)  # the whole prompt and the first output
             req.pipeline = p
             req.status = Status.RUNNING
             self.running[p].append(req)

@@ -44,8 +44,23 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-format", help="log_format: text | json")
     serve.set_defaults(command="serve", run=_serve)
 
-    bench = sub.add_parser("bench", help="benchmark a running daemon (not implemented yet)")
-    bench.set_defaults(command="bench", run=_not_implemented)
+    bench = sub.add_parser("bench", help="open-loop load test of an OpenAI-compatible server")
+    bench.add_argument("--url", required=True, help="the server, e.g. http://127.0.0.1:8000")
+    bench.add_argument("--rate", type=float, default=8.0, metavar="R",
+                       help="Poisson arrival rate in requests/s; inf sends all at once (default 8)")
+    bench.add_argument("--requests", type=int, default=40, metavar="N", help="requests to send (default 40)")
+    bench.add_argument("--output-tokens", type=int, default=32, metavar="N",
+                       help="tokens each request generates (max_tokens, and min_tokens with ignore_eos; default 32)")
+    bench.add_argument("--seed", type=int, default=0, help="seed of the arrival schedule (default 0)")
+    bench.add_argument("--model", metavar="NAME", help="model id to request (default: the first of GET /v1/models)")
+    bench.add_argument("--api-key", metavar="K", help="sent as 'Authorization: Bearer K'")
+    bench.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
+                       help="do not send ignore_eos/min_tokens (for servers that reject them)")
+    bench.add_argument("--json", metavar="OUT.json", help="write the summary and per-request records here")
+    bench.add_argument("--label", default="", metavar="TEXT", help="name of this run in the table and the JSON")
+    bench.add_argument("--timeout-s", type=float, default=300.0, metavar="X",
+                       help="give up on a request after X s (default 300)")
+    bench.set_defaults(command="bench", run=_bench)
 
     fault = sub.add_parser("fault", help="inject a fault into a worker of a running daemon")
     fault.add_argument("--url", required=True, help="the daemon, e.g. http://127.0.0.1:8000")
@@ -89,9 +104,39 @@ def _serve(args: argparse.Namespace) -> int:
     return serve(config)
 
 
-def _not_implemented(args: argparse.Namespace) -> int:
-    print(f"kevlard {args.command}: not implemented yet", file=sys.stderr)
-    return 2
+def _bench(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from kevlard.bench.loadgen import BenchError, StderrProgress, check_load_args, run_load
+    from kevlard.bench.report import format_markdown
+
+    try:
+        check_load_args(args.rate, args.requests, args.output_tokens, args.timeout_s)
+    except ValueError as e:
+        print(f"kevlard bench: error: {e}", file=sys.stderr)
+        return 2
+    progress = StderrProgress(args.requests)
+    try:
+        result = asyncio.run(run_load(
+            args.url, args.rate, args.requests, args.output_tokens, args.seed, args.model,
+            api_key=args.api_key, ignore_eos=args.ignore_eos, timeout_s=args.timeout_s,
+            label=args.label, progress=progress))
+    except BenchError as e:
+        print(f"kevlard bench: {e}", file=sys.stderr)
+        return 1
+    finally:
+        progress.close()
+    summary = result.summary
+    print(format_markdown([(result.label or result.model, summary)]))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as out:
+            json.dump(result.to_json(), out, indent=2)
+            out.write("\n")
+    errors = sorted({record.error for record in result.records if record.error})
+    for error in errors[:5]:
+        print(f"kevlard bench: failed: {error}", file=sys.stderr)
+    # Some failures are what a fault benchmark measures; none succeeding is a broken setup.
+    return 0 if summary["succeeded"] else 1
 
 
 def _fault(args: argparse.Namespace) -> int:

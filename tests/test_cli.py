@@ -56,9 +56,11 @@ def test_no_command_prints_usage():
     assert "usage: kevlard" in result.stderr
 
 
-def test_bench_is_not_implemented_yet(capsys):
-    assert main(["bench"]) == 2
-    assert "not implemented yet" in capsys.readouterr().err
+def test_bench_without_url_is_refused(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench"])
+    assert exc.value.code == 2
+    assert "--url" in capsys.readouterr().err
 
 
 class _FakeDaemon(BaseHTTPRequestHandler):

@@ -95,7 +95,8 @@ async def _serve(config: Config) -> int:
     tokenizer = await asyncio.to_thread(source.load_tokenizer)
     layer_params = (spec.hidden_size * spec.head_dim * (2 * spec.num_heads + 2 * spec.num_kv_heads)
                     + 3 * spec.hidden_size * spec.intermediate_size)
-    head_cost = spec.vocab_size * spec.hidden_size / layer_params
+    # the head runs only for sampled rows: about a quarter of the rows under a prompt-heavy prefill/decode load
+    head_cost = 0.25 * spec.vocab_size * spec.hidden_size / layer_params
     bounds = split_layers(spec.num_layers, topo.stages, head_cost)
     max_model_len = config.model.max_model_len or min(spec.max_position_embeddings, 8192)
     log.info("model %s: %d layers, hidden %d; %d pipeline(s) x %d stage(s) %s, %d spare(s), on %s",

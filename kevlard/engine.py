@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import random
 import time
 from typing import AsyncIterator
@@ -19,6 +20,16 @@ from kevlard.scheduler.scheduler import Scheduler, StepPlan
 log = logging.getLogger("kevlard.engine")
 
 
+def default_microbatches(topo) -> int:
+    """One per stage keeps every stage of a pipeline busy when each worker has its own device.
+    Virtual CPU devices share the cores: once the pipelines alone fill them, more micro-batches
+    only shrink the batches (measured: 125 vs 86 tokens/s with 1 vs 2 on 2 cores, 2x2)."""
+    if topo.kind != "cpu":
+        return topo.stages
+    cores = os.cpu_count() or 1
+    return max(1, min(topo.stages, cores // topo.pipelines))
+
+
 class KevlarEngine:
     def __init__(self, config, source, tokenizer, cluster: Cluster, num_blocks: int, max_model_len: int):
         self.config = config
@@ -29,7 +40,7 @@ class KevlarEngine:
         self.cluster = cluster
         sc = config.scheduler
         topo = cluster.topology
-        self.microbatches = sc.microbatches or max(2, topo.stages)
+        self.microbatches = sc.microbatches or default_microbatches(topo)
         self.scheduler = Scheduler(topo.pipelines, num_blocks, config.kv.block_size, sc.max_batch_tokens,
                                    sc.max_running, sc.max_waiting)
         self._streams: dict[int, asyncio.Queue] = {}

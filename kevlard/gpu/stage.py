@@ -18,18 +18,36 @@ TILE = 16
 
 
 def tiled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight.T (+ bias), computed TILE rows at a time so each row's result is batch-invariant."""
+    """x @ weight.T (+ bias) with the rows padded to a multiple of TILE, so each row's result is
+    batch-invariant: a GEMM's row result depends on the row count's tiling, and a fixed multiple
+    of TILE keeps the reduction identical (checked bitwise in tests/gpu/test_stage.py)."""
     rows = x.shape[0]  # x: [M, K], weight: [N, K]
     padded = -(-rows // TILE) * TILE
     if padded != rows:
         x = torch.cat([x, x.new_zeros(padded - rows, x.shape[1])])
-    out = x.new_empty(padded, weight.shape[0])  # [M16, N]
-    wt = weight.t()
-    for i in range(0, padded, TILE):
-        torch.mm(x[i:i + TILE], wt, out=out[i:i + TILE])
+    out = torch.mm(x, weight.t())  # [M16, N]
     if bias is not None:
         out += bias
     return out[:rows]
+
+
+def fuse_rows(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Stack matrices (or vectors) along dim 0; a view when they already lie back to back in
+    memory (the host weight store lays q/k/v and gate/up out that way), else a copy."""
+    first = parts[0]
+    rows = sum(p.shape[0] for p in parts)
+    shape = (rows, *first.shape[1:])
+    expected = first.data_ptr()
+    contiguous = True
+    for p in parts:
+        if not p.is_contiguous() or p.data_ptr() != expected or p.dtype != first.dtype:
+            contiguous = False
+            break
+        expected += p.numel() * p.element_size()
+    if contiguous and first.storage_offset() * first.element_size() + (expected - first.data_ptr()) \
+            <= first.untyped_storage().nbytes():
+        return torch.as_strided(first, shape, first.stride())
+    return torch.cat(parts)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -69,6 +87,20 @@ class StageModel:
         self.dtype = next(iter(weights.values())).dtype
         self.inv_freq = torch.tensor(spec.rope_inv_freq, dtype=torch.float32, device=self.device)
         self.lm_head = None
+        self.fused: dict[str, torch.Tensor | None] = {}
+        for layer in self.layers:
+            p = f"model.layers.{layer}."
+            qkv = [p + f"self_attn.{x}_proj" for x in "qkv"]
+            self.fused[p + "qkv.weight"] = fuse_rows([weights[n + ".weight"] for n in qkv])
+            biases = [weights.get(n + ".bias") for n in qkv]
+            self.fused[p + "qkv.bias"] = fuse_rows(biases) if all(b is not None for b in biases) else None
+            self.fused[p + "gate_up.weight"] = fuse_rows([weights[p + "mlp.gate_proj.weight"],
+                                                          weights[p + "mlp.up_proj.weight"]])
+            if p + "mlp.gate_proj.bias" in weights:
+                self.fused[p + "gate_up.bias"] = fuse_rows([weights[p + "mlp.gate_proj.bias"],
+                                                            weights[p + "mlp.up_proj.bias"]])
+            else:
+                self.fused[p + "gate_up.bias"] = None
         if is_last:
             self.lm_head = weights.get("lm_head.weight", weights.get("model.embed_tokens.weight"))
 
@@ -107,12 +139,11 @@ class StageModel:
         p = f"model.layers.{layer}."
         T = h.shape[0]
         x = rms_norm(h, w[p + "input_layernorm.weight"], spec.rms_norm_eps)
-        q = tiled_linear(x, w[p + "self_attn.q_proj.weight"], w.get(p + "self_attn.q_proj.bias"))
-        k = tiled_linear(x, w[p + "self_attn.k_proj.weight"], w.get(p + "self_attn.k_proj.bias"))
-        v = tiled_linear(x, w[p + "self_attn.v_proj.weight"], w.get(p + "self_attn.v_proj.bias"))
-        q = q.view(T, spec.num_heads, spec.head_dim)
-        k = k.view(T, spec.num_kv_heads, spec.head_dim)
-        v = v.view(T, spec.num_kv_heads, spec.head_dim)
+        qkv = tiled_linear(x, self.fused[p + "qkv.weight"], self.fused[p + "qkv.bias"])
+        nq, nkv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+        q = qkv[:, :nq].reshape(T, spec.num_heads, spec.head_dim)
+        k = qkv[:, nq:nq + nkv].reshape(T, spec.num_kv_heads, spec.head_dim)
+        v = qkv[:, nq + nkv:].reshape(T, spec.num_kv_heads, spec.head_dim)
         c, s = cos[:, None, :], sin[:, None, :]
         q = q * c + rotate_half(q) * s
         k = k * c + rotate_half(k) * s
@@ -120,8 +151,8 @@ class StageModel:
         attn = self._attention(li, q, chunks).reshape(T, spec.num_heads * spec.head_dim)
         h = h + tiled_linear(attn, w[p + "self_attn.o_proj.weight"], w.get(p + "self_attn.o_proj.bias"))
         x = rms_norm(h, w[p + "post_attention_layernorm.weight"], spec.rms_norm_eps)
-        gate = tiled_linear(x, w[p + "mlp.gate_proj.weight"], w.get(p + "mlp.gate_proj.bias"))
-        up = tiled_linear(x, w[p + "mlp.up_proj.weight"], w.get(p + "mlp.up_proj.bias"))
+        gate_up = tiled_linear(x, self.fused[p + "gate_up.weight"], self.fused[p + "gate_up.bias"])
+        gate, up = gate_up.split(spec.intermediate_size, dim=1)
         return h + tiled_linear(F.silu(gate) * up, w[p + "mlp.down_proj.weight"], w.get(p + "mlp.down_proj.bias"))
 
     # ---------------------------------------------------------------- the step

@@ -199,7 +199,7 @@ def _store_order(files: dict, num_layers: int, tied: bool) -> list[str]:
 
     layers = sorted(
         (name for name in files if name.startswith("model.layers.") and layer_of(name) < num_layers),
-        key=lambda name: (layer_of(name), name),
+        key=lambda name: (layer_of(name), _FUSED_RANK.get(name.split(".", 3)[3], 99), name),
     )
     names = ["model.embed_tokens.weight", *layers, "model.norm.weight"]
     if not tied:
@@ -209,6 +209,11 @@ def _store_order(files: dict, num_layers: int, tied: bool) -> list[str]:
         raise ValueError(f"checkpoint lacks {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
     return names
 
+
+# q, k, v (and gate, up) side by side, so a stage can use them as one fused matrix without a copy
+_FUSED_RANK = {f"{proj}.{kind}": i for i, (kind, proj) in enumerate(
+    (kind, proj) for kind in ("weight", "bias")
+    for proj in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"))}
 
 _SAFETENSORS_DTYPES = {"I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 

@@ -56,14 +56,33 @@ class Cluster:
 
     # ---------------------------------------------------------------- start-up
 
+    def spawn_pipeline_workers(self) -> None:
+        """Start the pipelines' workers now: they import torch while the daemon loads the model."""
+        self.loop = asyncio.get_running_loop()
+        for wid in range(self.topology.pipelines * self.topology.stages):
+            self._spawn(wid, self.topology.devices[wid])
+
+    async def start_spares(self) -> None:
+        """Spares are spawned once the pipelines serve, so they do not slow the cold start."""
+        for wid in self.topology.spare_ids:
+            self._spawn(wid, self.topology.devices[wid])
+        try:
+            await self._wait_ready(self.topology.spare_ids)
+        except WorkerStartError as e:
+            log.error("spare worker failed to start: %s", e)
+            return
+        for wid in self.topology.spare_ids:
+            if self.workers[wid].state == "starting":
+                self.workers[wid].state = "spare"
+        log.info("%d spare worker(s) ready", len(self.topology.spare_ids))
+
     async def start(self, stage_commands: Callable[[int], m.HostStage]) -> None:
-        """Spawn every worker, host each pipeline's stages, open each pipeline's links."""
+        """Host each pipeline's stages and open each pipeline's links."""
         import torch.distributed as dist
 
-        self.loop = asyncio.get_running_loop()
+        if not self.workers:
+            self.spawn_pipeline_workers()
         self._store = dist.TCPStore(self.store_host, 0, is_master=True, wait_for_workers=False)
-        for wid, device in enumerate(self.topology.devices):
-            self._spawn(wid, device)
         await self._wait_ready(list(self.workers))
         hosts = []
         for p, route in enumerate(self.routes):
@@ -74,8 +93,6 @@ class Cluster:
                 w.pipelines.add(p)
                 w.state = "healthy"
                 hosts.append(self.command(wid, cmd))
-        for wid in self.topology.spare_ids:
-            self.workers[wid].state = "spare"
         await asyncio.gather(*hosts)
         links = [self.open_link(a, b) for route in self.routes for a, b in zip(route, route[1:])]
         await asyncio.gather(*links)

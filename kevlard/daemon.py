@@ -61,7 +61,10 @@ def serve(config: Config) -> int:
         raise
 
 
-def _cuda_count() -> int:
+def _cuda_count(devices: str) -> int:
+    """Visible GPUs; without importing torch (a second of the cold start) where there can be none."""
+    if devices.startswith("cpu") or not (os.path.exists("/dev/nvidiactl") or os.path.isdir("/proc/driver/nvidia")):
+        return 0
     import torch
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -77,18 +80,33 @@ async def _serve(config: Config) -> int:
     t0 = time.monotonic()
     _on_signals(asyncio.current_task().cancel)  # during start-up: stop, clean up, exit
     from kevlard.cluster import Cluster
-    from kevlard.engine import KevlarEngine
-    from kevlard.gpu.kv_cache import bytes_per_block
-    from kevlard.gpu.weight_store import HostWeightStore, cleanup_stale_segments
+    from kevlard.gpu.weight_store import cleanup_stale_segments
     from kevlard.launcher import LocalLauncher
-    from kevlard.messages import HostStage
-    from kevlard.model_source import resolve_model
-    from kevlard.topology import plan_topology, split_layers
+    from kevlard.topology import plan_topology
 
     removed = cleanup_stale_segments()
     if removed:
         log.info("removed %d stale shared-memory segment(s) of dead daemons: %s", len(removed), ", ".join(removed))
-    topo = plan_topology(config.cluster, _cuda_count())
+    topo = plan_topology(config.cluster, _cuda_count(config.cluster.devices))
+    # the workers import torch while the daemon loads the model
+    threads = config.cluster.threads_per_worker or max(1, (os.cpu_count() or 1) // (topo.pipelines * topo.stages))
+    cluster = Cluster(topo, LocalLauncher(config.health.heartbeat_interval_s), "127.0.0.1",
+                      config.cluster.link_timeout_s, config.cluster.worker_start_timeout_s, threads)
+    cluster.spawn_pipeline_workers()
+    try:
+        return await _load_and_serve(config, topo, cluster, t0)
+    finally:
+        await asyncio.to_thread(cluster.stop)
+
+
+async def _load_and_serve(config: Config, topo, cluster, t0: float) -> int:
+    from kevlard.engine import KevlarEngine
+    from kevlard.gpu.kv_cache import bytes_per_block
+    from kevlard.gpu.weight_store import HostWeightStore
+    from kevlard.messages import HostStage
+    from kevlard.model_source import resolve_model
+    from kevlard.topology import split_layers
+
     source = await asyncio.to_thread(resolve_model, config.model.path, config.model.cache_dir,
                                      config.model.dtype, lambda msg: log.info("%s", msg))
     spec = source.spec
@@ -104,16 +122,12 @@ async def _serve(config: Config) -> int:
              [f"{a}-{b - 1}" for a, b in bounds], topo.spares, topo.kind)
 
     store = await asyncio.to_thread(HostWeightStore.create, source, config.model.dtype, "")
-    cluster = None
     try:
         log.info("host weight store: %.1f MB in %s", store.nbytes / 2 ** 20, store.path)
         dtype_size = 2 if config.model.dtype in ("float16", "bfloat16") else 4
         max_layers = max(b - a for a, b in bounds)
         per_block = bytes_per_block(max_layers, config.kv.block_size, spec.num_kv_heads, spec.head_dim, dtype_size)
         num_blocks = config.kv.num_blocks or max(1, config.kv.memory_mb * 2 ** 20 // per_block)
-        threads = config.cluster.threads_per_worker or max(1, (os.cpu_count() or 1) // (topo.pipelines * topo.stages))
-        cluster = Cluster(topo, LocalLauncher(config.health.heartbeat_interval_s), "127.0.0.1",
-                          config.cluster.link_timeout_s, config.cluster.worker_start_timeout_s, threads)
 
         def stage_command(s: int) -> HostStage:
             first, last = bounds[s]
@@ -124,17 +138,15 @@ async def _serve(config: Config) -> int:
 
         await cluster.start(stage_command)
         engine = KevlarEngine(config, source, tokenizer, cluster, num_blocks, max_model_len)
-        log.info("%d workers up, %d KV blocks of %d tokens per worker, %d thread(s) each",
-                 topo.num_workers, num_blocks, config.kv.block_size, threads)
-        return await _run_http(config, engine, t0)
+        log.info("%d pipeline workers up, %d KV blocks of %d tokens per worker, %d thread(s) each",
+                 topo.pipelines * topo.stages, num_blocks, config.kv.block_size, cluster.threads_per_worker)
+        return await _run_http(config, engine, t0, cluster.start_spares)
     finally:
-        if cluster is not None:
-            await asyncio.to_thread(cluster.stop)
         store.close()
         log.info("stopped")
 
 
-async def _run_http(config: Config, engine, t0: float) -> int:
+async def _run_http(config: Config, engine, t0: float, after_ready) -> int:
     import uvicorn
 
     from kevlard.web.app import create_app
@@ -161,6 +173,8 @@ async def _run_http(config: Config, engine, t0: float) -> int:
     host, port = server.servers[0].sockets[0].getsockname()[:2]
     log.info("ready in %.1f s: serving %s on http://%s:%d", time.monotonic() - t0, engine.model_name, host, port)
     print(f"kevlard: serving {engine.model_name} on http://{host}:{port}", flush=True)
+    background = asyncio.create_task(after_ready())
     await task
+    background.cancel()
     await engine.drain(0.0)
     return 0

@@ -8,6 +8,7 @@ the tokenizer from the GGUF ~3-9 s on every start otherwise.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -127,12 +128,47 @@ def resolve_model(
         raise UnsupportedModelError(
             f"model.path: {path} is neither a directory nor a .gguf file"
         )
-    return _source_from_dir(name, weights_dir)
+    return _source_from_dir(name, weights_dir, cache_dir)
 
 
-def _source_from_dir(name: str, weights_dir: Path) -> ModelSource:
+_SPEC_FORMAT = "kevlard-spec-v1"
+_SPEC_INPUTS = ("config.json", "generation_config.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def _spec_cache_file(weights_dir: Path, cache_dir: str) -> Path:
+    """Where the spec derived from this directory's configs is kept: importing transformers'
+    model code to compute it costs ~3.5 s, which a start after the first must not pay."""
+    digest = hashlib.sha256(_SPEC_FORMAT.encode())
+    for name in _SPEC_INPUTS:
+        f = weights_dir / name
+        digest.update(name.encode() + b"\0" + (f.read_bytes() if f.is_file() else b"-") + b"\0")
+    return Path(cache_dir or DEFAULT_CACHE_DIR).expanduser() / "specs" / f"{digest.hexdigest()[:24]}.json"
+
+
+def _source_from_dir(name: str, weights_dir: Path, cache_dir: str = "") -> ModelSource:
     if not (weights_dir / "config.json").is_file():
         raise UnsupportedModelError(f"{weights_dir} has no config.json: not a Hugging Face model directory")
+    spec_file = _spec_cache_file(weights_dir, cache_dir)
+    if spec_file.is_file() and any(weights_dir.glob("*.safetensors")):
+        try:
+            saved = json.loads(spec_file.read_text())
+            fields = dict(saved["spec"], rope_inv_freq=tuple(saved["spec"]["rope_inv_freq"]))
+            return ModelSource(name, weights_dir, ModelSpec(**fields), tuple(saved["eos_token_ids"]))
+        except (ValueError, KeyError, TypeError):
+            pass  # an unreadable cache entry: derive again below
+    source = _derive_source(name, weights_dir)
+    try:
+        spec_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = spec_file.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"spec": dataclasses.asdict(source.spec),
+                                   "eos_token_ids": list(source.eos_token_ids)}))
+        tmp.replace(spec_file)
+    except OSError:
+        pass  # a read-only cache only costs time
+    return source
+
+
+def _derive_source(name: str, weights_dir: Path) -> ModelSource:
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(str(weights_dir), local_files_only=True)

@@ -172,6 +172,7 @@ class Cluster:
         if w is None or w.state == "dead":
             return
         w.state = "dead"
+        w.handle.process.join(0.05)  # an EOF means it is exiting: let it, so its exit code is its own
         w.handle.kill()
         for cmd_id, (owner, fut) in list(self._pending.items()):
             if owner == wid and not fut.done():

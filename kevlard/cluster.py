@@ -27,7 +27,8 @@ class WorkerStartError(RuntimeError):
 @dataclass
 class WorkerState:
     handle: WorkerHandle
-    state: str = "starting"  # starting | spare | healthy | dead
+    state: str = "starting"  # starting | spare | rehosting | healthy | dead
+    failure: str | None = None  # why it was fenced: kill | hang | device_error | step_deadline
     stage: int | None = None
     layers: tuple[int, int] | None = None
     pipelines: set[int] = field(default_factory=set)
@@ -38,7 +39,7 @@ class WorkerState:
 
 class Cluster:
     def __init__(self, topology, launcher, store_host: str, link_timeout_s: float,
-                 start_timeout_s: float, threads_per_worker: int):
+                 start_timeout_s: float, threads_per_worker: int, replication: bool = False):
         self.topology = topology
         self.launcher = launcher
         self.store_host = store_host
@@ -47,6 +48,15 @@ class Cluster:
         self.threads_per_worker = threads_per_worker
         self.workers: dict[int, WorkerState] = {}
         self.routes: list[list[int]] = [topology.route(p) for p in range(topology.pipelines)]
+        P = topology.pipelines
+        # which KV pool of routes[p][s] holds pipeline p's stage s: its own, or its replica pool (buddy)
+        self.pools: dict[tuple[int, int], str] = {}
+        # who keeps the replica of (pipeline, stage): the worker of the same stage in the next pipeline
+        self.replica_holder: dict[tuple[int, int], int | None] = {
+            (p, s): (self.routes[(p + 1) % P][s] if replication and P > 1 else None)
+            for p in range(P) for s in range(topology.stages)}
+        self.replication = replication and P > 1
+        self._next_worker_id = topology.num_workers
         self._cmd_ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future] = {}
         self._store = None
@@ -95,6 +105,8 @@ class Cluster:
                 hosts.append(self.command(wid, cmd))
         await asyncio.gather(*hosts)
         links = [self.open_link(a, b) for route in self.routes for a, b in zip(route, route[1:])]
+        links += [self.open_link(self.routes[p][s], holder, "repl")
+                  for (p, s), holder in self.replica_holder.items() if holder is not None]
         await asyncio.gather(*links)
 
     def _spawn(self, wid: int, device: str) -> None:
@@ -134,12 +146,43 @@ class Cluster:
     def next_cmd_id(self) -> int:
         return next(self._cmd_ids)
 
-    async def open_link(self, a: int, b: int) -> None:
-        name = f"link-{a}-{b}-{self.next_cmd_id()}"
+    async def open_link(self, a: int, b: int, purpose: str = "act") -> None:
+        """A two-party link between workers a (rank 0) and b (rank 1); nobody else takes part."""
+        name = f"{purpose}-{a}-{b}-{self.next_cmd_id()}"
         port = self._store.port
+        # a replica receiver waits on its link between shipments, for as long as the source lives
+        timeout = self.link_timeout_s if purpose != "repl" else 7 * 24 * 3600.0
         await asyncio.gather(
-            self.command(a, m.OpenLink(self.next_cmd_id(), b, name, 0, self.store_host, port, self.link_timeout_s)),
-            self.command(b, m.OpenLink(self.next_cmd_id(), a, name, 1, self.store_host, port, self.link_timeout_s)))
+            self.command(a, m.OpenLink(self.next_cmd_id(), b, name, 0, self.store_host, port, timeout, purpose)),
+            self.command(b, m.OpenLink(self.next_cmd_id(), a, name, 1, self.store_host, port, timeout, purpose)))
+
+    def pool(self, pipeline: int, stage: int) -> str:
+        return self.pools.get((pipeline, stage), "primary")
+
+    def spawn_worker(self, device: str) -> int:
+        """A new worker (a replacement spare) on `device`; returns its id."""
+        wid = self._next_worker_id
+        self._next_worker_id += 1
+        self._spawn(wid, device)
+        return wid
+
+    async def wait_ready(self, wid: int) -> None:
+        await self._wait_ready([wid])
+
+    def take_spare(self) -> int | None:
+        for wid, w in sorted(self.workers.items()):
+            if w.state == "spare":
+                w.state = "rehosting"
+                return wid
+        return None
+
+    def fence(self, wid: int, why: str) -> None:
+        """Mark dead, SIGKILL if still running; its EOF then finds it already handled."""
+        w = self.workers.get(wid)
+        if w is None or w.state == "dead":
+            return
+        w.failure = w.failure or why
+        self._worker_gone(wid)
 
     # ---------------------------------------------------------------- traffic from reader threads
 
@@ -172,6 +215,7 @@ class Cluster:
         if w is None or w.state == "dead":
             return
         w.state = "dead"
+        w.failure = w.failure or "kill"
         w.handle.process.join(0.05)  # an EOF means it is exiting: let it, so its exit code is its own
         w.handle.kill()
         for cmd_id, (owner, fut) in list(self._pending.items()):
@@ -184,6 +228,13 @@ class Cluster:
     def route_alive(self, pipeline: int) -> bool:
         return all(self.workers[w].state == "healthy" for w in self.routes[pipeline])
 
+    def pipeline_state(self, pipeline: int) -> str:
+        if not self.route_alive(pipeline):
+            return "down"
+        if any(self.pool(pipeline, s) == "replica" for s in range(len(self.routes[pipeline]))):
+            return "rerouted"
+        return "serving"
+
     def snapshot(self) -> dict:
         workers = []
         for wid, w in sorted(self.workers.items()):
@@ -191,10 +242,13 @@ class Cluster:
             if w.stage is not None and w.layers is not None:
                 stages = [{"pipeline": p, "stage": w.stage, "layers": list(w.layers)} for p in sorted(w.pipelines)]
             workers.append({"id": wid, "device": w.handle.device, "pid": w.handle.pid, "state": w.state,
+                            "failure": w.failure,
                             "stages": stages, "steps_done": w.steps_done,
                             "heartbeat_age_s": round(time.monotonic() - w.last_heartbeat, 3)
                             if w.last_heartbeat else None})
-        pipelines = [{"id": p, "route": list(r), "state": "serving" if self.route_alive(p) else "down"}
+        pipelines = [{"id": p, "route": list(r), "state": self.pipeline_state(p),
+                      "pools": [self.pool(p, s) for s in range(len(r))],
+                      "replica_holders": [self.replica_holder.get((p, s)) for s in range(len(r))]}
                      for p, r in enumerate(self.routes)]
         return {"workers": workers, "pipelines": pipelines}
 

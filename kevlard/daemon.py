@@ -90,8 +90,9 @@ async def _serve(config: Config) -> int:
     topo = plan_topology(config.cluster, _cuda_count(config.cluster.devices))
     # the workers import torch while the daemon loads the model
     threads = config.cluster.threads_per_worker or max(1, (os.cpu_count() or 1) // (topo.pipelines * topo.stages))
+    replication = config.kv.replication and config.recovery == "kevlar" and topo.pipelines > 1
     cluster = Cluster(topo, LocalLauncher(config.health.heartbeat_interval_s), "127.0.0.1",
-                      config.cluster.link_timeout_s, config.cluster.worker_start_timeout_s, threads)
+                      config.cluster.link_timeout_s, config.cluster.worker_start_timeout_s, threads, replication)
     cluster.spawn_pipeline_workers()
     try:
         return await _load_and_serve(config, topo, cluster, t0)
@@ -105,6 +106,7 @@ async def _load_and_serve(config: Config, topo, cluster, t0: float) -> int:
     from kevlard.gpu.weight_store import HostWeightStore
     from kevlard.messages import HostStage
     from kevlard.model_source import resolve_model
+    from kevlard.recovery import Recovery
     from kevlard.topology import split_layers
 
     source = await asyncio.to_thread(resolve_model, config.model.path, config.model.cache_dir,
@@ -127,17 +129,22 @@ async def _load_and_serve(config: Config, topo, cluster, t0: float) -> int:
         dtype_size = 2 if config.model.dtype in ("float16", "bfloat16") else 4
         max_layers = max(b - a for a, b in bounds)
         per_block = bytes_per_block(max_layers, config.kv.block_size, spec.num_kv_heads, spec.head_dim, dtype_size)
-        num_blocks = config.kv.num_blocks or max(1, config.kv.memory_mb * 2 ** 20 // per_block)
+        # with replication, the rest of the memory is a replica pool mirroring the buddy's block ids
+        share = 1.0 - config.kv.replica_fraction if cluster.replication else 1.0
+        num_blocks = config.kv.num_blocks or max(1, int(config.kv.memory_mb * 2 ** 20 * share) // per_block)
 
-        def stage_command(s: int) -> HostStage:
+        def stage_command(s: int, replica_pool: bool = cluster.replication, from_disk: bool = False) -> HostStage:
             first, last = bounds[s]
             is_first, is_last = s == 0, s == topo.stages - 1
             return HostStage(cluster.next_cmd_id(), s, first, last, is_first, is_last,
                              store.stage_handle(first, last, is_first, is_last), spec, num_blocks,
-                             config.kv.block_size, config.model.dtype)
+                             config.kv.block_size, config.model.dtype, replica_pool,
+                             str(source.weights_dir) if from_disk else None)
 
         await cluster.start(stage_command)
         engine = KevlarEngine(config, source, tokenizer, cluster, num_blocks, max_model_len)
+        engine.recovery = Recovery(engine, stage_command, str(source.weights_dir))
+        engine.start_background()
         log.info("%d pipeline workers up, %d KV blocks of %d tokens per worker, %d thread(s) each",
                  topo.pipelines * topo.stages, num_blocks, config.kv.block_size, cluster.threads_per_worker)
         return await _run_http(config, engine, t0, cluster.start_spares)

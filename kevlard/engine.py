@@ -14,6 +14,7 @@ from kevlard import messages as m
 from kevlard.api_types import (EngineDeadError, NoRouteError, QueueFullError, SamplingParams,
                                ShuttingDownError, TokenDelta)
 from kevlard.cluster import Cluster
+from kevlard.events import EventLog
 from kevlard.scheduler.request import Request
 from kevlard.scheduler.scheduler import Scheduler, StepPlan
 
@@ -45,7 +46,10 @@ class KevlarEngine:
                                    sc.max_running, sc.max_waiting)
         self._streams: dict[int, asyncio.Queue] = {}
         self._ids = itertools.count(1)
-        self._dispatched: dict[int, tuple[StepPlan, float]] = {}  # step_id -> (plan, sent_at)
+        self._dispatched: dict[int, tuple[StepPlan, float, int]] = {}  # step_id -> (plan, sent_at, last worker)
+        self.events = EventLog()
+        self.recovery = None  # kevlard.recovery.Recovery, attached by the daemon
+        self._background: list[asyncio.Task] = []
         self._last_step_done = time.monotonic()
         self._shutting_down = False
         self._dead_reason: str | None = None
@@ -61,8 +65,6 @@ class KevlarEngine:
             raise ShuttingDownError("the server is shutting down")
         if self._dead_reason:
             raise EngineDeadError(self._dead_reason)
-        if not any(self.scheduler.active):
-            raise NoRouteError("no complete pipeline route is available")
         if not self.scheduler.can_add():
             raise QueueFullError(f"the waiting queue is full ({self.scheduler.max_waiting} requests)")
         stop_ids = set(params.stop_token_ids)
@@ -100,7 +102,9 @@ class KevlarEngine:
                 self._pump_all()
 
     def is_ready(self) -> bool:
-        if self._dead_reason or self._shutting_down or not any(self.scheduler.active):
+        if self._dead_reason or self._shutting_down:
+            return False
+        if not any(self.cluster.route_alive(p) for p in range(self.scheduler.num_pipelines)):
             return False
         # steps progress: either nothing is pending, or a step finished recently
         busy = bool(self._dispatched)
@@ -115,17 +119,96 @@ class KevlarEngine:
             "kv_usage": round(self.scheduler.kv_usage(), 4),
             "stats": dict(self.stats),
             "ready": self.is_ready(),
+            "recovery": self.recovery.snapshot() if self.recovery else {},
+            "replica_lag_tokens": self.replica_lag(),
         })
         return snap
 
+    def replica_lag(self) -> int:
+        """Tokens computed but not yet replicated, summed over running requests and stages."""
+        if not self.cluster.replication:
+            return 0
+        lag = 0
+        for p, running in enumerate(self.scheduler.running):
+            for s in range(len(self.cluster.routes[p])):
+                if self.cluster.replica_holder.get((p, s)) is None:
+                    continue
+                lag += sum(max(0, r.num_computed_tokens - r.replicated.get(s, 0)) for r in running)
+        return lag
+
+    # ---------------------------------------------------------------- faults
+
+    def inject_fault(self, worker: int, kind: str, duration_s: float | None = None) -> dict:
+        if kind not in ("kill", "hang", "slow", "device_error"):
+            raise ValueError(f"unknown fault kind {kind!r}: kill, hang, slow or device_error")
+        if duration_s is not None and not duration_s > 0:
+            raise ValueError(f"duration_s must be > 0, got {duration_s!r}")
+        w = self.cluster.workers.get(worker)
+        if w is None:
+            raise KeyError(worker)
+        if w.state == "dead":
+            raise ValueError(f"worker {worker} is already dead")
+        self.events.emit("fault_injected", worker, level=logging.WARNING, fault=kind, duration_s=duration_s)
+        if kind == "kill":
+            w.failure = "kill"
+            w.handle.kill()
+        else:
+            w.handle.send(m.InjectFault(kind, duration_s))
+        return {"pid": w.handle.pid, "state": w.state}
+
+    # ---------------------------------------------------------------- background watches
+
+    def start_background(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._background.append(loop.create_task(self._no_route_watch()))
+        if self.recovery is not None:
+            self._background.append(loop.create_task(self.recovery.watch()))
+
+    async def _no_route_watch(self) -> None:
+        """Requests wait while no route exists, up to scheduler.no_route_wait_s, then get a
+        retryable 503 instead of waiting forever."""
+        limit = self.config.scheduler.no_route_wait_s
+        while True:
+            await asyncio.sleep(0.1)
+            if any(self.scheduler.active):
+                continue
+            now = time.monotonic()
+            for req in list(self.scheduler.waiting):
+                if now - req.arrival > limit:
+                    q = self._streams.get(req.id)
+                    self.scheduler.abort(req.id)
+                    if q is not None:
+                        q.put_nowait(NoRouteError(f"no complete pipeline route for {limit:.0f} s"))
+
     # ---------------------------------------------------------------- stepping
+
+    def pump_all(self) -> None:
+        self._pump_all()
+
+    def dispatched_at(self) -> dict[int, float]:
+        return {step_id: sent for step_id, (_, sent, _) in self._dispatched.items()}
+
+    def write_off_step(self, step_id: int) -> None:
+        """A micro-batch that will never come back: its requests run those tokens again."""
+        entry = self._dispatched.pop(step_id, None)
+        if entry is not None:
+            self.stats["steps_failed"] += 1
+            self.scheduler.fail_step(step_id)
+            asyncio.get_running_loop().call_soon(self._pump, entry[0].pipeline)
+
+    def write_off_pipeline_steps(self, pipeline: int) -> None:
+        for step_id, (plan, _, _) in list(self._dispatched.items()):
+            if plan.pipeline == pipeline:
+                self._dispatched.pop(step_id)
+                self.stats["steps_failed"] += 1
+                self.scheduler.fail_step(step_id)
 
     def _pump_all(self) -> None:
         for p in range(self.scheduler.num_pipelines):
             self._pump(p)
 
     def _pump(self, pipeline: int) -> None:
-        in_flight = sum(1 for plan, _ in self._dispatched.values() if plan.pipeline == pipeline)
+        in_flight = sum(1 for plan, _, _ in self._dispatched.values() if plan.pipeline == pipeline)
         while in_flight < self.microbatches:
             plan = self.scheduler.schedule(pipeline)
             if plan is None:
@@ -135,24 +218,25 @@ class KevlarEngine:
 
     def _dispatch(self, plan: StepPlan) -> None:
         route = self.cluster.routes[plan.pipeline]
-        self._dispatched[plan.step_id] = (plan, time.monotonic())
+        self._dispatched[plan.step_id] = (plan, time.monotonic(), route[-1])
         rest = tuple(m.SeqChunk(c.req_id, c.start, c.num_tokens, c.block_table, (), c.sample, c.temperature,
                                 c.top_p, c.top_k, c.seed, c.output_index) for c in plan.chunks)
         for s, wid in enumerate(route):
             chunks = tuple(plan.chunks) if s == 0 else rest
+            pool = self.cluster.pool(plan.pipeline, s)
+            replicate = pool == "primary" and self.cluster.replica_holder.get((plan.pipeline, s)) is not None
             step = m.Step(plan.step_id, plan.pipeline, chunks, route[s - 1] if s > 0 else None,
-                          route[s + 1] if s + 1 < len(route) else None)
+                          route[s + 1] if s + 1 < len(route) else None, pool, replicate)
             if not self.cluster.workers[wid].handle.send(step):
                 self._step_failed(plan.step_id, f"worker {wid} unreachable")
                 return
 
     def _on_worker_message(self, wid: int, msg: object) -> None:
         if isinstance(msg, m.StepDone):
-            route = self.cluster.routes
             entry = self._dispatched.get(msg.step_id)
-            if entry is None or wid != route[entry[0].pipeline][-1]:
+            if entry is None or wid != entry[2]:
                 return  # an intermediate stage, or a step already written off
-            plan, _ = self._dispatched.pop(msg.step_id)
+            plan, _, _ = self._dispatched.pop(msg.step_id)
             self._last_step_done = time.monotonic()
             self.stats["steps"] += 1
             updates = self.scheduler.update_from_output(msg.step_id, dict(msg.sampled))
@@ -167,44 +251,44 @@ class KevlarEngine:
         elif isinstance(msg, m.StepFailed):
             log.warning("worker %d failed step %d: %s", wid, msg.step_id, msg.error.splitlines()[0])
             self._step_failed(msg.step_id, msg.error)
+        elif isinstance(msg, m.ReplicaAck):
+            p, s = msg.pipeline, msg.stage
+            if (self.cluster.routes[p][s] == msg.source and self.cluster.pool(p, s) == "primary"
+                    and self.cluster.replica_holder.get((p, s)) == wid):
+                self.scheduler.on_replica_ack(p, s, msg.upto)
         elif isinstance(msg, m.WorkerFailure):
-            log.error("worker %d reports %s: %s", wid, msg.kind, msg.message)
+            if self.recovery is not None:
+                self.recovery.on_worker_failure_report(wid, msg.kind, msg.message)
+            else:
+                log.error("worker %d reports %s: %s", wid, msg.kind, msg.message)
 
     def _step_failed(self, step_id: int, why: str) -> None:
-        entry = self._dispatched.pop(step_id, None)
+        entry = self._dispatched.get(step_id)
         if entry is None:
             return
-        self.stats["steps_failed"] += 1
-        self.scheduler.fail_step(step_id)
-        self.loop_call_soon(self._pump, entry[0].pipeline)
-
-    def loop_call_soon(self, fn, *args) -> None:
-        asyncio.get_running_loop().call_soon(fn, *args)
+        # A link error usually means a neighbour died: its death handler reroutes and writes the
+        # step off. Give the sentinel a moment to say so before simply rerunning the step.
+        asyncio.get_running_loop().call_later(0.05, self.write_off_step, step_id)
 
     def _on_worker_death(self, wid: int) -> None:
-        w = self.cluster.workers[wid]
-        log.error("worker %d (pid %s) died with exit code %s", wid, w.handle.pid, w.handle.exitcode)
-        for p, route in enumerate(self.cluster.routes):
-            if wid in route and self.scheduler.active[p]:
-                self._take_pipeline_down(p)
-        if not any(self.scheduler.active):
-            log.error("no complete route is left")
+        if self.recovery is not None:
+            self.recovery.on_worker_death(wid)
+        else:
+            for p, route in enumerate(self.cluster.routes):
+                if wid in route and self.scheduler.active[p]:
+                    self.write_off_pipeline_steps(p)
+                    self.scheduler.deactivate(p)
+        if not any(self.cluster.route_alive(p) for p in range(self.scheduler.num_pipelines)):
+            self.events.emit("no_route", None, level=logging.ERROR)
         self._pump_all()
-
-    def _take_pipeline_down(self, pipeline: int) -> None:
-        """Until failover lands (issue 3): replay the pipeline's requests on the others."""
-        for step_id, (plan, _) in list(self._dispatched.items()):
-            if plan.pipeline == pipeline:
-                self._dispatched.pop(step_id)
-                self.scheduler.fail_step(step_id)
-        self.scheduler.deactivate(pipeline)
-        log.warning("pipeline %d is down; its requests are replayed on the remaining pipelines", pipeline)
 
     # ---------------------------------------------------------------- shutdown
 
     async def drain(self, timeout_s: float) -> None:
         """Stop taking requests; wait up to timeout_s for the accepted ones to finish."""
         self._shutting_down = True
+        for task in self._background:
+            task.cancel()
         deadline = time.monotonic() + timeout_s
         while self._streams and time.monotonic() < deadline:
             await asyncio.sleep(0.05)

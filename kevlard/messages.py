@@ -26,6 +26,8 @@ class HostStage:
     num_blocks: int
     block_size: int
     dtype: str
+    replica_pool: bool = False  # also allocate a pool mirroring the block ids of the stage it is buddy for
+    weights_dir: str | None = None  # load from disk instead of the host store (recovery = "restart")
 
 
 @dataclass(frozen=True)
@@ -38,12 +40,14 @@ class OpenLink:
     store_host: str
     store_port: int
     timeout_s: float
+    purpose: str = "act"  # act: activations | repl: KV replicas (rank 1 receives) | xfer: KV hand-back
 
 
 @dataclass(frozen=True)
 class CloseLink:
     cmd_id: int
     peer: int
+    purpose: str = "act"
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,18 @@ class Step:
     chunks: tuple[SeqChunk, ...]
     recv_from: int | None  # worker id of the previous stage, None for the first stage
     send_to: int | None  # worker id of the next stage, None for the last stage
+    pool: str = "primary"  # primary: the worker's own pipeline | replica: a pipeline it took over as buddy
+    replicate: bool = False  # ship the KV this step writes to the buddy, in the background
+
+
+@dataclass(frozen=True)
+class MoveKV:
+    """Hand KV blocks over a link: `send` reads them from `pool`, the peer's `recv` writes its pool."""
+    cmd_id: int
+    peer: int
+    direction: str  # send | recv
+    pool: str
+    block_ids: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -112,6 +128,17 @@ class StepDone:
     step_id: int
     sampled: tuple[tuple[int, int], ...] = ()  # (req_id, token) from the last stage
     compute_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class ReplicaAck:
+    """The buddy stored replica KV: each request's stage-`stage` KV of pipeline `pipeline` is
+    complete on it up to token `upto`."""
+    worker_id: int
+    source: int
+    pipeline: int
+    stage: int
+    upto: tuple[tuple[int, int], ...]  # (req_id, tokens)
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,23 @@ class KVCache:
     def read(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.data[0, layer].index_select(0, slots), self.data[1, layer].index_select(0, slots)
 
+    def gather(self, slots: torch.Tensor) -> torch.Tensor:
+        """Every layer's K and V at `slots`: [2, L, n, kvh, hd], for replication and hand-back."""
+        return self.data.index_select(2, slots)
+
+    def scatter(self, slots: torch.Tensor, values: torch.Tensor) -> None:
+        self.data.index_copy_(2, slots, values.to(self.data.device))
+
+    def block_slots(self, block_ids: tuple[int, ...] | list[int]) -> torch.Tensor:
+        blocks = torch.tensor(list(block_ids), dtype=torch.long)
+        return (blocks[:, None] * self.block_size + torch.arange(self.block_size)).reshape(-1).to(self.data.device)
+
+    @property
+    def slot_shape(self) -> tuple[int, ...]:
+        """Shape of the KV of n slots, without n: (2, L, kvh, hd)."""
+        d = self.data.shape
+        return (d[0], d[1], d[3], d[4])
+
     @property
     def nbytes(self) -> int:
         return self.data.numel() * self.data.element_size()

@@ -33,17 +33,19 @@ class Link:
 
     def send(self, tensor: torch.Tensor) -> None:
         self._check_open()
+        group = self._group
         try:
-            self._group.send([tensor.contiguous()], self._peer, 0).wait(self.timeout)
-        except RuntimeError as e:
+            group.send([tensor.contiguous()], self._peer, 0).wait(self.timeout)
+        except (RuntimeError, AttributeError) as e:
             raise LinkError(f"link {self.name}: send failed: {e}") from e
 
     def recv(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         self._check_open()
         buf = torch.empty(shape, dtype=dtype)
+        group = self._group
         try:
-            self._group.recv([buf], self._peer, 0).wait(self.timeout)
-        except RuntimeError as e:
+            group.recv([buf], self._peer, 0).wait(self.timeout)
+        except (RuntimeError, AttributeError) as e:
             raise LinkError(f"link {self.name}: recv failed: {e}") from e
         return buf
 
@@ -53,5 +55,5 @@ class Link:
             self._group = None
 
     def _check_open(self) -> None:
-        if self.closed:
+        if self.closed or self._group is None:
             raise LinkError(f"link {self.name} is closed")

@@ -115,11 +115,11 @@ class StageModel:
         scale = self.spec.rope_attention_scaling
         return (emb.cos() * scale).to(self.dtype), (emb.sin() * scale).to(self.dtype)
 
-    def _attention(self, li: int, q: torch.Tensor, chunks: list[ChunkView]) -> torch.Tensor:
+    def _attention(self, kv: KVCache, li: int, q: torch.Tensor, chunks: list[ChunkView]) -> torch.Tensor:
         spec = self.spec
         out = torch.empty_like(q)  # [T, H, hd]
         for c in chunks:
-            k_all, v_all = self.kv.read(li, c.slots_all)  # [ctx, kvh, hd]
+            k_all, v_all = kv.read(li, c.slots_all)  # [ctx, kvh, hd]
             qc = q[c.offset:c.offset + c.num_tokens].transpose(0, 1)  # [H, n, hd]
             kc = k_all.transpose(0, 1)
             vc = v_all.transpose(0, 1)
@@ -133,7 +133,7 @@ class StageModel:
             out[c.offset:c.offset + c.num_tokens] = o[0].transpose(0, 1)
         return out
 
-    def _layer(self, layer: int, li: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    def _layer(self, kv: KVCache, layer: int, li: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                chunks: list[ChunkView], slots_new: torch.Tensor) -> torch.Tensor:
         spec, w = self.spec, self.w
         p = f"model.layers.{layer}."
@@ -147,8 +147,8 @@ class StageModel:
         c, s = cos[:, None, :], sin[:, None, :]
         q = q * c + rotate_half(q) * s
         k = k * c + rotate_half(k) * s
-        self.kv.write(li, slots_new, k, v)
-        attn = self._attention(li, q, chunks).reshape(T, spec.num_heads * spec.head_dim)
+        kv.write(li, slots_new, k, v)
+        attn = self._attention(kv, li, q, chunks).reshape(T, spec.num_heads * spec.head_dim)
         h = h + tiled_linear(attn, w[p + "self_attn.o_proj.weight"], w.get(p + "self_attn.o_proj.bias"))
         x = rms_norm(h, w[p + "post_attention_layernorm.weight"], spec.rms_norm_eps)
         gate_up = tiled_linear(x, self.fused[p + "gate_up.weight"], self.fused[p + "gate_up.bias"])
@@ -158,12 +158,15 @@ class StageModel:
     # ---------------------------------------------------------------- the step
 
     @torch.inference_mode()
-    def forward(self, hidden: torch.Tensor, chunks: list[ChunkView], positions: torch.Tensor) -> torch.Tensor:
-        """hidden: [T, H] (already embedded on the first stage); returns the stage's output [T, H]."""
+    def forward(self, hidden: torch.Tensor, chunks: list[ChunkView], positions: torch.Tensor,
+                kv: KVCache | None = None) -> torch.Tensor:
+        """hidden: [T, H] (already embedded on the first stage); returns the stage's output [T, H].
+        `kv`: the cache to use, the stage's own by default (a buddy passes its replica pool)."""
+        kv = kv or self.kv
         cos, sin = self._rope(positions)
         slots_new = torch.cat([c.slots_new for c in chunks])
         for li, layer in enumerate(self.layers):
-            hidden = self._layer(layer, li, hidden, cos, sin, chunks, slots_new)
+            hidden = self._layer(kv, layer, li, hidden, cos, sin, chunks, slots_new)
         return hidden
 
     @torch.inference_mode()

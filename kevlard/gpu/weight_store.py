@@ -238,3 +238,40 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def load_stage_from_disk(weights_dir: str, first_layer: int, last_layer: int, is_first: bool, is_last: bool,
+                         dtype: str, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """A stage's tensors read from the safetensors files themselves: what a restart does in the
+    `recovery = "restart"` baseline, where nothing survives in host memory."""
+    import json
+
+    from safetensors import safe_open
+
+    root = Path(weights_dir)
+    index = root / "model.safetensors.index.json"
+    if index.exists():
+        files = {name: root / f for name, f in json.loads(index.read_text())["weight_map"].items()}
+    else:
+        files = {}
+        for f in sorted(root.glob("*.safetensors")):
+            with safe_open(str(f), framework="pt") as handle:
+                files.update({name: f for name in handle.keys()})
+    prefixes = tuple(f"model.layers.{i}." for i in range(first_layer, last_layer))
+    names = [n for n in files if n.startswith(prefixes)]
+    if is_first:
+        names.append("model.embed_tokens.weight")
+    if is_last:
+        names.append("model.norm.weight")
+        names.append("lm_head.weight" if "lm_head.weight" in files else "model.embed_tokens.weight")
+    # q/k/v and gate/up side by side, as in the host store, so the stage can fuse them without a copy
+    names = sorted(set(names), key=lambda n: (_FUSED_RANK.get(n.split(".", 3)[-1], 99), n))
+    out: dict[str, torch.Tensor] = {}
+    target = _torch_dtype(dtype)
+    for name in names:
+        with safe_open(str(files[name]), framework="pt") as handle:
+            tensor = handle.get_tensor(name)
+        out[name] = tensor.to(device=device, dtype=target if tensor.is_floating_point() else tensor.dtype)
+    if is_last and "lm_head.weight" not in out:
+        out["lm_head.weight"] = out["model.embed_tokens.weight"]
+    return out

@@ -26,7 +26,10 @@ class Worker:
         self.heartbeat_interval_s = heartbeat_interval_s
         self._send_lock = threading.Lock()
         self.stages: dict[int, object] = {}  # pipeline-independent: stage index -> StageModel
-        self.links: dict[int, object] = {}  # peer worker id -> Link
+        self.replica_kv = None  # KVCache mirroring the block ids of the pipeline it is buddy for
+        self.links: dict[tuple[str, int], object] = {}  # (purpose, peer worker id) -> Link
+        self.replica_sender = None
+        self.replica_receivers: dict[int, object] = {}
         self.steps_done = 0
         self.hung = threading.Event()
         self.slow_s = 0.0
@@ -72,6 +75,8 @@ class Worker:
             self._reply(msg.cmd_id, self._open_link, msg)
         elif isinstance(msg, m.CloseLink):
             self._reply(msg.cmd_id, self._close_link, msg)
+        elif isinstance(msg, m.MoveKV):
+            self._reply(msg.cmd_id, self._move_kv, msg)
         elif isinstance(msg, m.InjectFault):
             self._inject(msg)
         else:
@@ -90,28 +95,80 @@ class Worker:
         from kevlard.gpu.weight_store import attach_stage
 
         t0 = time.monotonic()
-        weights = attach_stage(msg.handle, str(self.device))
+        if msg.weights_dir is not None:
+            from kevlard.gpu.weight_store import load_stage_from_disk
+
+            weights = load_stage_from_disk(msg.weights_dir, msg.first_layer, msg.last_layer, msg.is_first,
+                                           msg.is_last, msg.dtype, str(self.device))
+        else:
+            weights = attach_stage(msg.handle, str(self.device))
         spec = msg.spec
-        kv = KVCache(msg.last_layer - msg.first_layer, msg.num_blocks, msg.block_size, spec.num_kv_heads,
-                     spec.head_dim, getattr(self.torch, msg.dtype), self.device)
+        dtype = getattr(self.torch, msg.dtype)
+
+        def cache() -> KVCache:
+            return KVCache(msg.last_layer - msg.first_layer, msg.num_blocks, msg.block_size, spec.num_kv_heads,
+                           spec.head_dim, dtype, self.device)
+
+        kv = cache()
+        self.replica_kv = cache() if msg.replica_pool else None
+        self.stages.clear()
         self.stages[msg.stage] = StageModel(weights, spec, msg.first_layer, msg.last_layer, msg.is_first,
                                             msg.is_last, kv, self.device)
-        return {"host_s": time.monotonic() - t0, "kv_bytes": kv.nbytes}
+        return {"host_s": time.monotonic() - t0, "kv_bytes": kv.nbytes * (2 if msg.replica_pool else 1)}
 
     def _open_link(self, msg: m.OpenLink) -> dict:
         from kevlard.gpu.link import Link
 
-        old = self.links.pop(msg.peer, None)
+        from kevlard.gpu.replication import ReplicaReceiver, ReplicaSender
+
+        # a pair of workers may replicate both ways: each direction is its own link
+        purpose = msg.purpose if msg.purpose != "repl" else ("repl-out" if msg.rank == 0 else "repl-in")
+        key = (purpose, msg.peer)
+        old = self.links.pop(key, None)
         if old is not None:
             old.close()
-        self.links[msg.peer] = Link(msg.name, msg.rank, msg.store_host, msg.store_port, msg.timeout_s)
+        link = Link(msg.name, msg.rank, msg.store_host, msg.store_port, msg.timeout_s)
+        self.links[key] = link
+        if msg.purpose == "repl" and msg.rank == 0:
+            if self.replica_sender is not None:
+                self.replica_sender.close()
+            self.replica_sender = ReplicaSender(link, self._stage().kv)
+        elif msg.purpose == "repl":
+            if self.replica_kv is None:
+                raise RuntimeError(f"worker {self.id} has no replica pool")
+            self.replica_receivers[msg.peer] = ReplicaReceiver(link, self.replica_kv, msg.peer, self._ack)
         return {}
 
+    def _ack(self, source: int, pipeline: int, stage: int, upto: tuple[tuple[int, int], ...]) -> None:
+        try:
+            self.send(m.ReplicaAck(self.id, source, pipeline, stage, upto))
+        except (OSError, EOFError, BrokenPipeError):
+            os._exit(0)
+
     def _close_link(self, msg: m.CloseLink) -> dict:
-        link = self.links.pop(msg.peer, None)
+        link = self.links.pop((msg.purpose, msg.peer), None) or self.links.pop(("repl-out", msg.peer), None)
         if link is not None:
             link.close()
         return {}
+
+    def _move_kv(self, msg: m.MoveKV) -> dict:
+        kv = self._pool(msg.pool)
+        link = self.links[("xfer", msg.peer)]
+        slots = kv.block_slots(msg.block_ids)
+        if msg.direction == "send":
+            link.send(kv.gather(slots).cpu())
+        else:
+            values = link.recv((kv.slot_shape[0], kv.slot_shape[1], slots.numel(), *kv.slot_shape[2:]),
+                               kv.data.dtype)
+            kv.scatter(slots, values)
+        return {"blocks": len(msg.block_ids)}
+
+    def _pool(self, pool: str):
+        if pool == "replica":
+            if self.replica_kv is None:
+                raise RuntimeError(f"worker {self.id} has no replica pool")
+            return self.replica_kv
+        return self._stage().kv
 
     def _inject(self, msg: m.InjectFault) -> None:
         if msg.kind == "hang":
@@ -151,8 +208,8 @@ class Worker:
 
         torch = self.torch
         chunks = step.chunks
-        stage = self._stage_for(step)
-        kv = stage.kv
+        stage = self._stage()
+        kv = self._pool(step.pool)
         views, positions, offset = [], [], 0
         for c in chunks:
             end = c.start + c.num_tokens
@@ -166,10 +223,12 @@ class Worker:
             ids = torch.tensor([t for c in chunks for t in c.token_ids], dtype=torch.long, device=self.device)
             hidden = stage.embed(ids)
         else:
-            hidden = self.links[step.recv_from].recv((offset, hidden_size), stage.dtype).to(self.device)
-        hidden = stage.forward(hidden, views, positions_t)  # [T, H]
+            hidden = self.links[("act", step.recv_from)].recv((offset, hidden_size), stage.dtype).to(self.device)
+        hidden = stage.forward(hidden, views, positions_t, kv)  # [T, H]
+        if step.replicate and self.replica_sender is not None and step.pool == "primary":
+            self.replica_sender.enqueue(step.pipeline, self._stage_index(), chunks)
         if step.send_to is not None:
-            self.links[step.send_to].send(hidden.cpu())
+            self.links[("act", step.send_to)].send(hidden.cpu())
             return ()
         rows = [v.offset + v.num_tokens - 1 for v, c in zip(views, chunks) if c.sample]
         if not rows:
@@ -183,11 +242,14 @@ class Worker:
                 i += 1
         return tuple(out)
 
-    def _stage_for(self, step: m.Step):
-        # A worker hosts one stage today; a buddy serving two pipelines hosts the same stage for both.
+    def _stage(self):
+        # One stage per worker; a buddy serving two pipelines hosts the same stage for both.
         if len(self.stages) != 1:
             raise RuntimeError(f"worker {self.id} hosts {len(self.stages)} stages")
         return next(iter(self.stages.values()))
+
+    def _stage_index(self) -> int:
+        return next(iter(self.stages))
 
 
 def worker_main(worker_id: int, device: str, conn, num_threads: int, heartbeat_interval_s: float) -> None:

@@ -32,6 +32,7 @@ class Request:
     in_flight: bool = False  # part of a micro-batch that has not come back yet
     finish_reason: str | None = None
     num_preemptions: int = 0
+    replicated: dict[int, int] = field(default_factory=dict)  # stage -> tokens whose KV the buddy holds
 
     @property
     def num_tokens(self) -> int:

@@ -90,6 +90,7 @@ class Scheduler:
         req.pipeline = None
         req.status = Status.WAITING
         req.num_computed_tokens = 0
+        req.replicated.clear()
         req.num_preemptions += 1
         self.num_preemptions += 1
         # back in arrival order, ahead of later arrivals
@@ -205,6 +206,45 @@ class Scheduler:
 
     def activate(self, pipeline: int) -> None:
         self.active[pipeline] = True
+
+    def pause(self, pipeline: int) -> None:
+        """No new micro-batches or admissions on the pipeline; its requests keep their blocks."""
+        self.active[pipeline] = False
+
+    def on_replica_ack(self, pipeline: int, stage: int, upto: tuple[tuple[int, int], ...]) -> None:
+        for req_id, tokens in upto:
+            req = self.requests.get(req_id)
+            if req is not None and req.pipeline == pipeline:
+                req.replicated[stage] = max(req.replicated.get(stage, 0), min(tokens, req.num_computed_tokens))
+
+    def forget_replicas(self, pipeline: int, stage: int) -> None:
+        """The replica of (pipeline, stage) is gone (its holder died, or it became the only copy)."""
+        for req in self.running[pipeline]:
+            req.replicated.pop(stage, None)
+
+    def resume_after_failover(self, pipeline: int, stage: int) -> list[tuple[int, str, int]]:
+        """The stage's KV of the pipeline's requests now comes from the buddy's replica: each
+        request recomputes only the tokens past its replicated watermark (all of them, a replay,
+        without one). Returns (req_id, "replica" | "replay", tokens recomputed)."""
+        out = []
+        for req in self.running[pipeline]:
+            req.in_flight = False
+            upto = req.replicated.get(stage, 0)
+            recompute = max(0, req.num_computed_tokens - upto)
+            req.num_computed_tokens = min(req.num_computed_tokens, upto)
+            out.append((req.id, "replica" if upto > 0 else "replay", recompute))
+        return out
+
+    def mark_replicated(self, pipeline: int, stage: int) -> None:
+        """The stage's KV was handed over whole: the holder's replica is complete again."""
+        for req in self.running[pipeline]:
+            req.replicated[stage] = req.num_computed_tokens
+
+    def block_ids_of(self, pipeline: int) -> list[int]:
+        return sorted(b for req in self.running[pipeline] for b in req.block_ids)
+
+    def in_flight_on(self, pipeline: int) -> int:
+        return sum(1 for plan in self.in_flight.values() if plan.pipeline == pipeline)
 
     # ---------------------------------------------------------------- views
 

@@ -1,4 +1,5 @@
-"""The daemon's web app: OpenAI API, operations API, one error shape, optional API key on /v1."""
+"""The daemon's web app: OpenAI API, operations and admin API, one error shape, optional API key
+on /v1, admin token on the admin routes."""
 from __future__ import annotations
 
 import hmac
@@ -12,6 +13,7 @@ from starlette.types import ASGIApp, Lifespan, Receive, Scope, Send
 from kevlard.api_types import Engine
 from kevlard.config import Config
 from kevlard.web import errors
+from kevlard.web.admin_api import AdminAPI
 from kevlard.web.openai_api import OpenAIAPI
 from kevlard.web.ops_api import OpsAPI
 
@@ -19,10 +21,13 @@ API_PREFIX = "/v1"
 
 
 def create_app(engine: Engine, config: Config, *, extra_routes: Sequence[BaseRoute] = (),
-               lifespan: Lifespan | None = None) -> Starlette:
-    """The Starlette app serving `engine`. `extra_routes` (dashboard, metrics, events, faults)
-    share the error handlers; the API key guards only /v1/*."""
-    routes = [*OpenAIAPI(engine, config).routes(), *OpsAPI(engine).routes(), *extra_routes]
+               lifespan: Lifespan | None = None, admin_token: str = "") -> Starlette:
+    """The Starlette app serving `engine`. `extra_routes` (dashboard, metrics) share the error
+    handlers; the API key guards only /v1/*; `admin_token` guards the admin routes (empty: they
+    answer 403). Call `close_streams(app)` when shutdown begins."""
+    ops = OpsAPI(engine)
+    routes = [*OpenAIAPI(engine, config).routes(), *ops.routes(),
+              *AdminAPI(engine, admin_token).routes(), *extra_routes]
     middleware = []
     if config.server.api_key:
         middleware.append(Middleware(APIKeyMiddleware, api_key=config.server.api_key))
@@ -30,7 +35,14 @@ def create_app(engine: Engine, config: Config, *, extra_routes: Sequence[BaseRou
                     exception_handlers=errors.exception_handlers(), lifespan=lifespan)
     app.state.engine = engine
     app.state.config = config
+    app.state.ops = ops
     return app
+
+
+def close_streams(app: Starlette) -> None:
+    """End the app's open event streams (and refuse new ones) so that uvicorn's graceful
+    shutdown does not wait on them; call it beside `server.should_exit = True`. Thread-safe."""
+    app.state.ops.close_streams()
 
 
 class APIKeyMiddleware:

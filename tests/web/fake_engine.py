@@ -13,6 +13,7 @@ from functools import lru_cache
 from typing import AsyncIterator
 
 from kevlard.api_types import EngineError, SamplingParams, TokenDelta
+from kevlard.events import EventLog
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -40,6 +41,30 @@ def make_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>",
                                    eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                    chat_template=CHAT_TEMPLATE)
+
+
+FAULT_KINDS = ("kill", "hang", "slow", "device_error")
+
+
+class RecordingEventLog(EventLog):
+    """An EventLog that counts its live subscribers, so tests can see a stream let go of one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._open: set[int] = set()
+
+    @property
+    def num_subscribers(self) -> int:
+        return len(self._open)
+
+    def subscribe(self):
+        queue = super().subscribe()
+        self._open.add(id(queue))
+        return queue
+
+    def unsubscribe(self, queue) -> None:
+        super().unsubscribe(queue)
+        self._open.discard(id(queue))
 
 
 @dataclass
@@ -76,6 +101,22 @@ class FakeEngine:
         self.closed: list[str] = []
         self.finished: list[str] = []
         self.closed_event = threading.Event()  # set when any request is closed early
+        self.events = RecordingEventLog()
+        self.workers = {0, 1, 2, 3}
+        self.faults: list[tuple[int, str, float | None]] = []  # inject_fault's arguments
+
+    def inject_fault(self, worker: int, kind: str, duration_s: float | None) -> dict:
+        """Like the engine's: KeyError for an unknown worker, ValueError for a bad kind or duration;
+        records the call and emits a `fault_injected` event."""
+        if worker not in self.workers:
+            raise KeyError(worker)
+        if kind not in FAULT_KINDS:
+            raise ValueError(f"unknown fault kind {kind!r}")
+        if duration_s is not None and not duration_s > 0:
+            raise ValueError(f"duration_s must be > 0, got {duration_s!r}")
+        self.faults.append((worker, kind, duration_s))
+        self.events.emit("fault_injected", worker=worker, fault=kind, duration_s=duration_s)
+        return {"fault_id": len(self.faults)}
 
     def is_ready(self) -> bool:
         return self.ready

@@ -1,0 +1,110 @@
+"""Background KV replication: each stage ships the KV its steps write to its buddy, off the step's
+critical path, and the buddy reports how far each request is replicated.
+
+Wire format on a `repl` link, per shipment: a header [num_slots, num_reqs, pipeline, stage]
+(int64), a body [slots..., req_id, upto, req_id, upto, ...] (int64), then the KV of those slots
+[2, L, num_slots, kvh, hd]. Shipments are FIFO, so a block that was freed and reused is always
+overwritten by its newer owner's data last.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from typing import Callable
+
+import torch
+
+from kevlard.gpu.kv_cache import KVCache
+from kevlard.gpu.link import Link, LinkError
+
+log = logging.getLogger("kevlard.replication")
+
+
+class ReplicaSender:
+    """Owns the outgoing `repl` link; a thread drains queued steps and ships their KV."""
+
+    def __init__(self, link: Link, kv: KVCache):
+        self.link = link
+        self.kv = kv
+        self._queue: queue.Queue = queue.Queue()
+        self.alive = True
+        self._thread = threading.Thread(target=self._run, name="replica-sender", daemon=True)
+        self._thread.start()
+
+    def enqueue(self, pipeline: int, stage: int, chunks) -> None:
+        """Called by the step thread after a step wrote KV: cheap, it only records positions."""
+        if self.alive:
+            self._queue.put((pipeline, stage, [(c.req_id, c.start, c.num_tokens, c.block_table) for c in chunks]))
+
+    def close(self) -> None:
+        self.alive = False
+        self._queue.put(None)
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            items = [item]
+            while True:  # coalesce what piled up into one shipment
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self.alive = False
+                    break
+                items.append(more)
+            # a worker's own pool serves one pipeline and stage, so the items share them
+            entries = [e for _, _, es in items for e in es]
+            try:
+                self._ship(items[0][0], items[0][1], entries)
+            except LinkError as e:
+                log.warning("replication link down: %s", e)
+                self.alive = False
+            if not self.alive:
+                return
+
+    def _ship(self, pipeline: int, stage: int, entries) -> None:
+        slots, upto = [], {}
+        for req_id, start, n, table in entries:
+            slots.append(self.kv.slots(table, start, start + n))
+            upto[req_id] = max(upto.get(req_id, 0), start + n)
+        slot_t = torch.cat(slots)
+        body = torch.tensor(slot_t.tolist() + [x for pair in upto.items() for x in pair], dtype=torch.long)
+        header = torch.tensor([slot_t.numel(), len(upto), pipeline, stage], dtype=torch.long)
+        values = self.kv.gather(slot_t).cpu()  # [2, L, n, kvh, hd]
+        self.link.send(header)
+        self.link.send(body)
+        self.link.send(values)
+
+
+class ReplicaReceiver:
+    """Owns one incoming `repl` link; a thread writes shipments into the replica pool and acks."""
+
+    def __init__(self, link: Link, replica_kv: KVCache, source: int,
+                 ack: Callable[[int, int, int, tuple[tuple[int, int], ...]], None]):
+        self.link = link
+        self.kv = replica_kv
+        self.source = source
+        self.ack = ack
+        self.alive = True
+        self._thread = threading.Thread(target=self._run, name=f"replica-receiver-{source}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        dtype = self.kv.data.dtype
+        while self.alive:
+            try:
+                num_slots, num_reqs, pipeline, stage = self.link.recv((4,), torch.long).tolist()
+                body = self.link.recv((num_slots + 2 * num_reqs,), torch.long)
+                values = self.link.recv((self.kv.slot_shape[0], self.kv.slot_shape[1], num_slots,
+                                         *self.kv.slot_shape[2:]), dtype)
+            except LinkError:
+                self.alive = False  # the source died or the link was closed: nothing more to store
+                return
+            slots = body[:num_slots].to(self.kv.data.device)
+            self.kv.scatter(slots, values)
+            pairs = body[num_slots:].tolist()
+            self.ack(self.source, pipeline, stage, tuple(zip(pairs[0::2], pairs[1::2])))

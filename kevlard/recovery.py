@@ -1,0 +1,266 @@
+"""Failure handling on the daemon side: detect, fence, reroute to the buddy, resume from the
+replica, restore capacity with a spare — or, with `recovery = "restart"`, the baseline of
+today's engines: tear the pipeline down and restart it from the weights on disk.
+
+Runs on the daemon's event loop next to the engine; see docs/structure.md for the sequence.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from kevlard import messages as m
+from kevlard.scheduler.health import HealthMonitor
+
+log = logging.getLogger("kevlard.recovery")
+
+
+class Recovery:
+    def __init__(self, engine, stage_command, weights_dir: str):
+        self.engine = engine
+        self.cluster = engine.cluster
+        self.scheduler = engine.scheduler
+        self.events = engine.events
+        self.config = engine.config
+        self.stage_command = stage_command  # (stage, replica_pool, from_disk) -> HostStage
+        self.weights_dir = weights_dir
+        self.monitor = HealthMonitor(self.config.health.heartbeat_timeout_s, self.config.scheduler.step_timeout_s)
+        self.counters = {"failures": 0, "reroutes": 0, "rehosts": 0, "restarts": 0,
+                         "requests_resumed_replica": 0, "requests_replayed": 0, "tokens_recomputed": 0}
+        self.recovery_seconds: list[float] = []
+        self._tasks: set[asyncio.Task] = set()
+        self._pending_restore: list[tuple[int, int, float]] = []  # (pipeline, stage, failed_at)
+
+    # ---------------------------------------------------------------- detection
+
+    async def watch(self) -> None:
+        """Heartbeats and step deadlines, checked every heartbeat interval."""
+        interval = self.config.health.heartbeat_interval_s
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            beats = {wid: (w.state, w.last_heartbeat) for wid, w in self.cluster.workers.items()}
+            for wid, kind in self.monitor.stale_workers(now, beats):
+                self.events.emit("failure", wid, level=logging.WARNING, reason=kind,
+                                 heartbeat_age_s=round(now - beats[wid][1], 3))
+                self.cluster.fence(wid, kind)
+            for step_id in self.monitor.late_steps(now, self.engine.dispatched_at()):
+                self.events.emit("step_deadline", None, level=logging.WARNING, step=step_id)
+                self.engine.write_off_step(step_id)
+
+    def on_worker_failure_report(self, wid: int, kind: str, message: str) -> None:
+        w = self.cluster.workers.get(wid)
+        if w is not None:
+            w.failure = kind
+        self.events.emit("failure", wid, level=logging.WARNING, reason=kind, message=message)
+
+    # ---------------------------------------------------------------- a worker is gone
+
+    def on_worker_death(self, wid: int) -> None:
+        w = self.cluster.workers[wid]
+        failed_at = time.monotonic()
+        self.counters["failures"] += 1
+        self.events.emit("worker_state", wid, level=logging.WARNING, state="dead", reason=w.failure,
+                         exit_code=w.handle.exitcode, device=w.handle.device)
+        # replicas it kept for others are gone: those requests fall back to replay if hit again
+        for (p, s), holder in self.cluster.replica_holder.items():
+            if holder == wid:
+                self.cluster.replica_holder[(p, s)] = None
+                self.scheduler.forget_replicas(p, s)
+        for p, route in enumerate(self.cluster.routes):
+            for s, owner in enumerate(route):
+                if owner != wid:
+                    continue
+                self.engine.write_off_pipeline_steps(p)
+                if self.config.recovery == "restart":
+                    self._spawn_task(self.restart_pipeline(p, failed_at))
+                else:
+                    self._spawn_task(self.reroute(p, s, failed_at))
+        if self.config.recovery != "restart" and w.state == "dead":
+            self._spawn_task(self.replace_spare(w.handle.device))
+
+    def _spawn_task(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("recovery task failed", exc_info=task.exception())
+
+    # ---------------------------------------------------------------- reroute through the buddy
+
+    async def reroute(self, p: int, s: int, failed_at: float) -> None:
+        cluster, sched = self.cluster, self.scheduler
+        holder = cluster.replica_holder.get((p, s))
+        buddy = holder if holder is not None and cluster.workers[holder].state == "healthy" else None
+        if buddy is None:
+            # no live copy of this stage's KV for the pipeline: its requests replay elsewhere
+            moved = len(sched.running[p])
+            sched.deactivate(p)
+            self.counters["requests_replayed"] += moved
+            self.events.emit("pipeline_down", None, level=logging.WARNING, pipeline=p, stage=s,
+                             requests_replayed=moved)
+            self.engine.pump_all()
+            await self.restore(p, s, failed_at)
+            return
+        sched.pause(p)
+        route = cluster.routes[p]
+        route[s] = buddy
+        cluster.pools[(p, s)] = "replica"
+        cluster.replica_holder[(p, s)] = None  # the buddy's copy is now the only one
+        try:
+            links = []
+            if s > 0:
+                links.append(cluster.open_link(route[s - 1], buddy))
+            if s + 1 < len(route):
+                links.append(cluster.open_link(buddy, route[s + 1]))
+            await asyncio.gather(*links)
+        except Exception as e:
+            self.events.emit("reroute_failed", buddy, level=logging.ERROR, pipeline=p, stage=s, error=str(e))
+            sched.deactivate(p)
+            self.engine.pump_all()
+            return
+        resumed = sched.resume_after_failover(p, s)
+        sched.forget_replicas(p, s)
+        for req_id, how, recomputed in resumed:
+            self.counters["requests_resumed_replica" if how == "replica" else "requests_replayed"] += 1
+            self.counters["tokens_recomputed"] += recomputed
+            self.events.emit("request_resumed", None, request=req_id, how=how, recomputed_tokens=recomputed)
+        sched.activate(p)
+        self.counters["reroutes"] += 1
+        took = time.monotonic() - failed_at
+        self.recovery_seconds.append(took)
+        self.events.emit("reroute", buddy, pipeline=p, stage=s, route=list(route), seconds=round(took, 4))
+        self.engine.pump_all()
+        await self.restore(p, s, failed_at)
+
+    # ---------------------------------------------------------------- restore capacity
+
+    async def restore(self, p: int, s: int, failed_at: float) -> None:
+        """A spare hosts the stage from the host weight store, takes the KV back, and the route
+        switches back. Waits for a spare if none is ready yet."""
+        cluster, sched = self.cluster, self.scheduler
+        spare = cluster.take_spare()
+        deadline = time.monotonic() + self.config.cluster.worker_start_timeout_s
+        while spare is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            spare = cluster.take_spare()
+        if spare is None:
+            self.events.emit("restore_waiting", None, level=logging.WARNING, pipeline=p, stage=s)
+            return
+        self.events.emit("rehost", spare, pipeline=p, stage=s, state="rehosting")
+        try:
+            t0 = time.monotonic()
+            await cluster.command(spare, self.stage_command(s, replica_pool=cluster.replication))
+            route = cluster.routes[p]
+            links = []
+            if s > 0 and cluster.workers[route[s - 1]].state == "healthy":
+                links.append(cluster.open_link(route[s - 1], spare))
+            if s + 1 < len(route) and cluster.workers[route[s + 1]].state == "healthy":
+                links.append(cluster.open_link(spare, route[s + 1]))
+            await asyncio.gather(*links)
+            # hand the KV back: pause the pipeline, let its in-flight steps land, copy, switch
+            current = route[s]
+            sched.pause(p)
+            while sched.in_flight_on(p):
+                await asyncio.sleep(0.002)
+            if cluster.pool(p, s) == "replica" and cluster.workers[current].state == "healthy":
+                blocks = tuple(sched.block_ids_of(p))
+                if blocks:
+                    await cluster.open_link(current, spare, "xfer")
+                    await asyncio.gather(
+                        cluster.command(current, m.MoveKV(cluster.next_cmd_id(), spare, "send", "replica", blocks)),
+                        cluster.command(spare, m.MoveKV(cluster.next_cmd_id(), current, "recv", "primary", blocks)))
+            else:
+                sched.resume_after_failover(p, s)  # nothing to take back: recompute what is there
+            route[s] = spare
+            cluster.pools.pop((p, s), None)
+            cluster.workers[spare].state = "healthy"
+            cluster.workers[spare].stage = s
+            cluster.workers[spare].layers = cluster.workers[current].layers if current in cluster.workers else None
+            cluster.workers[spare].pipelines = {p}
+            if current in cluster.workers:
+                cluster.workers[current].pipelines.discard(p)
+            await self._rewire_replicas(p, s, spare, current)
+            sched.activate(p)
+            self.counters["rehosts"] += 1
+            self.events.emit("restore", spare, pipeline=p, stage=s, route=list(route),
+                             rehost_s=round(time.monotonic() - t0, 4),
+                             since_failure_s=round(time.monotonic() - failed_at, 4))
+        except Exception as e:
+            self.events.emit("rehost_failed", spare, level=logging.ERROR, pipeline=p, stage=s, error=str(e))
+            cluster.fence(spare, "rehost_failed")
+            sched.activate(p) if cluster.route_alive(p) else None
+        self.engine.pump_all()
+
+    async def _rewire_replicas(self, p: int, s: int, spare: int, previous: int) -> None:
+        """The spare ships its KV to the next pipeline's stage-s worker, and keeps the replica of
+        the previous pipeline's stage s (which the dead worker kept)."""
+        cluster = self.cluster
+        if not cluster.replication:
+            return
+        P = len(cluster.routes)
+        nxt, prv = cluster.routes[(p + 1) % P][s], cluster.routes[(p - 1) % P][s]
+        if cluster.workers[nxt].state == "healthy" and nxt != spare:
+            await cluster.open_link(spare, nxt, "repl")
+            cluster.replica_holder[(p, s)] = nxt
+            if nxt == previous:
+                self.scheduler.mark_replicated(p, s)  # it served from that very copy until now
+        if cluster.workers[prv].state == "healthy" and prv != spare and cluster.pool((p - 1) % P, s) == "primary":
+            await cluster.open_link(prv, spare, "repl")
+            cluster.replica_holder[((p - 1) % P, s)] = spare
+            self.scheduler.forget_replicas((p - 1) % P, s)  # only new KV reaches the new holder
+
+    async def replace_spare(self, device: str) -> None:
+        """The dead worker's device gets a new spare (a virtual CPU device is usable at once)."""
+        wid = self.cluster.spawn_worker(device)
+        try:
+            await self.cluster.wait_ready(wid)
+        except Exception as e:
+            self.events.emit("spare_failed", wid, level=logging.ERROR, error=str(e))
+            return
+        if self.cluster.workers[wid].state == "starting":
+            self.cluster.workers[wid].state = "spare"
+            self.events.emit("worker_state", wid, state="spare", device=device)
+
+    # ---------------------------------------------------------------- the baseline
+
+    async def restart_pipeline(self, p: int, failed_at: float) -> None:
+        """recovery = "restart": what today's engines do. The whole pipeline is torn down and
+        restarted from the weights on disk; its requests start again (replayed, not failed)."""
+        cluster, sched = self.cluster, self.scheduler
+        moved = len(sched.running[p])
+        sched.deactivate(p)
+        self.engine.pump_all()
+        old = list(cluster.routes[p])
+        self.events.emit("restart", None, level=logging.WARNING, pipeline=p, workers=old, requests_replayed=moved)
+        self.counters["requests_replayed"] += moved
+        for wid in old:
+            cluster.fence(wid, cluster.workers[wid].failure or "restart")
+        new = [cluster.spawn_worker(cluster.workers[wid].handle.device) for wid in old]
+        try:
+            for wid in new:
+                await cluster.wait_ready(wid)
+            await asyncio.gather(*(cluster.command(wid, self.stage_command(s, replica_pool=False, from_disk=True))
+                                   for s, wid in enumerate(new)))
+            for s, wid in enumerate(new):
+                w = cluster.workers[wid]
+                w.state, w.stage, w.pipelines = "healthy", s, {p}
+                w.layers = cluster.workers[old[s]].layers
+            cluster.routes[p] = new
+            await asyncio.gather(*(cluster.open_link(a, b) for a, b in zip(new, new[1:])))
+        except Exception as e:
+            self.events.emit("restart_failed", None, level=logging.ERROR, pipeline=p, error=str(e))
+            return
+        sched.activate(p)
+        self.counters["restarts"] += 1
+        took = time.monotonic() - failed_at
+        self.recovery_seconds.append(took)
+        self.events.emit("restore", None, pipeline=p, route=new, since_failure_s=round(took, 4), how="restart")
+        self.engine.pump_all()
+
+    def snapshot(self) -> dict:
+        return dict(self.counters, recovery_seconds=[round(x, 4) for x in self.recovery_seconds[-20:]])

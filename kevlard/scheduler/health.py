@@ -1,0 +1,18 @@
+"""Health checks as pure functions of what the daemon observed: which workers missed their
+heartbeats, which steps passed their deadline. The engine acts on the answers (fencing)."""
+from __future__ import annotations
+
+
+class HealthMonitor:
+    def __init__(self, heartbeat_timeout_s: float, step_timeout_s: float):
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.step_timeout_s = step_timeout_s
+
+    def stale_workers(self, now: float, beats: dict[int, tuple[str, float]]) -> list[tuple[int, str]]:
+        """(worker, "hang") for each live worker whose last heartbeat is older than the timeout."""
+        return [(wid, "hang") for wid, (state, last) in beats.items()
+                if state in ("healthy", "spare", "rehosting") and last > 0
+                and now - last > self.heartbeat_timeout_s]
+
+    def late_steps(self, now: float, dispatched_at: dict[int, float]) -> list[int]:
+        return [step for step, sent in dispatched_at.items() if now - sent > self.step_timeout_s]

@@ -1,0 +1,633 @@
+"""The model's tokenizer without transformers: the `tokenizers` library plus jinja2 for chat templates.
+
+`AutoTokenizer.from_pretrained` costs ~3 s, most of it importing transformers, and `kevlard serve`
+must be ready within 5 s. `Tokenizer.from_dir` builds the same Rust tokenizer transformers 5
+builds, by replaying the calls its loader makes (TokenizersBackend; Qwen2Tokenizer and
+GPT2Tokenizer, which rebuild the pipeline around tokenizer.json's vocabulary), and renders chat templates in a
+sandbox configured like transformers'. A directory whose tokenizer class it does not reproduce
+raises `UnsupportedTokenizerError`; `load_tokenizer` then falls back to `AutoTokenizer`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import importlib.util
+import inspect
+import json
+import sys
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, ClassVar
+
+from tokenizers import (
+    AddedToken,
+    Regex,
+    decoders,
+    normalizers,
+    pre_tokenizers,
+    processors,
+)
+from tokenizers import Tokenizer as RustTokenizer
+from tokenizers.models import BPE
+
+SPECIAL_TOKENS_ATTRIBUTES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+_REBUILT_CLASSES = ("Qwen2Tokenizer", "GPT2Tokenizer")  # classes whose pipeline replaces tokenizer.json's
+_GENERIC_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast", "PythonBackend")
+# transformers' TOKENIZER_MAPPING_NAMES for the model types kevlard serves (SUPPORTED_ARCHS); None:
+# unregistered. Other model types fall back to AutoTokenizer rather than guess its table.
+_REGISTERED_CLASS = {"": None, "llama": None, "mistral": "TokenizersBackend", "qwen2": "Qwen2Tokenizer"}
+_HUB_CLASS_DISTRUSTED = ("qwen2",)  # transformers' MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS, restricted likewise
+_MODEL_IDS_TO_TOKENIZERS_BACKEND = (
+    "deepseek-ai/deepseek-r1-distill-llama-*", "deepseek-ai/deepseek-coder-*", "allenai/dolma2-tokenizer",
+    "google/umt5-small", "naver-clova-ix/donut-*", "salesforce/blip2-opt-*", "salesforce/blip2-flan-t5-*",
+    "salesforce/instructblip-flan-t5-*", "stepfun-ai/step-3.7-*",
+)
+QWEN2_PRETOKENIZE_REGEX = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+_MISTRAL_REGEX_VOCAB = 100_000  # above this transformers may patch the pre-tokenizer (fix_mistral_regex)
+# apply_chat_template options of transformers' that this class does not implement.
+_UNSUPPORTED_CHAT_OPTIONS = ("padding", "truncation", "max_length", "return_tensors", "return_assistant_tokens_mask",
+                             "sanitize_control_tokens", "tokenizer_kwargs")
+
+
+class UnsupportedTokenizerError(ValueError):
+    """This directory's tokenizer is one `Tokenizer` does not reproduce exactly; use AutoTokenizer."""
+
+
+class Tokenizer:
+    """encode / decode / apply_chat_template with transformers 5's results, on a Rust tokenizer."""
+
+    def __init__(self, backend: RustTokenizer, special_tokens: dict[str, Any], extra_special_tokens: list,
+                 chat_template: str | dict[str, str] | None, clean_up_tokenization_spaces: bool = False,
+                 clean_up_even_for_bpe: bool = False, name_or_path: str = "") -> None:
+        self.backend = backend
+        self._special_tokens = special_tokens  # attribute -> str | AddedToken | None, in transformers' order
+        self._extra_special_tokens = extra_special_tokens
+        self.chat_template = chat_template
+        self.clean_up_tokenization_spaces = clean_up_tokenization_spaces
+        # transformers skips the clean-up for BPE models, which it would corrupt, unless told otherwise.
+        self._clean_up = clean_up_tokenization_spaces and (
+            type(backend.model).__name__ != "BPE" or clean_up_even_for_bpe)
+        self.name_or_path = name_or_path
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> Tokenizer:
+        """Load the tokenizer in `path` as AutoTokenizer would; UnsupportedTokenizerError if we can't."""
+        path = Path(path)
+        if not (path / "tokenizer.json").is_file():
+            raise UnsupportedTokenizerError(f"{path} has no tokenizer.json")
+        tokenizer_config = _read_json(path / "tokenizer_config.json")
+        class_name = _tokenizer_class(path, tokenizer_config, _read_json(path / "config.json"))
+        if class_name not in ("TokenizersBackend", *_REBUILT_CLASSES):
+            raise UnsupportedTokenizerError(f"{path}: transformers loads it as {class_name}, which kevlard does not mirror")
+        kwargs, added_tokens_decoder = _init_kwargs(path, tokenizer_config)
+        if class_name in _REBUILT_CLASSES:
+            backend, added_tokens_decoder = _rebuilt_backend(class_name, path, kwargs, added_tokens_decoder)
+        else:
+            backend = RustTokenizer.from_file(str(path / "tokenizer.json"))
+            if added_tokens_decoder is None:  # tokenizer.json's own added tokens, as AddedToken(**json) would give
+                added_tokens_decoder = backend.get_added_tokens_decoder()
+        # encode() and apply_chat_template() never pad or truncate.
+        backend.no_truncation()
+        backend.no_padding()
+        special_tokens, extra_special_tokens = _special_tokens(kwargs)
+        backend.encode_special_tokens = bool(kwargs.get("split_special_tokens", False))
+        _add_missing_tokens(backend, added_tokens_decoder, special_tokens, extra_special_tokens)
+        if backend.get_vocab_size() > _MISTRAL_REGEX_VOCAB and kwargs.get("fix_mistral_regex"):
+            raise UnsupportedTokenizerError(f"{path}: fix_mistral_regex patches the pre-tokenizer")
+        if backend.post_processor is None:  # update_post_processor() without add_bos/add_eos
+            backend.post_processor = processors.TemplateProcessing(single="$A:0", pair="$A:0 $B:1", special_tokens=[])
+        tokenizer = cls(backend, special_tokens, extra_special_tokens, kwargs.get("chat_template"),
+                        bool(kwargs.get("clean_up_tokenization_spaces", False)),
+                        bool(kwargs.get("clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output")),
+                        str(path))
+        if class_name == "Qwen2Tokenizer":  # Qwen2Tokenizer.__init__'s last step
+            backend.add_tokens([AddedToken(token, special=True) for token in tokenizer.all_special_tokens])
+        return tokenizer
+
+    # --- vocabulary and special tokens ---------------------------------------------------------
+
+    def __len__(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=False)
+
+    def get_vocab(self) -> dict[str, int]:
+        return self.backend.get_vocab(with_added_tokens=True)
+
+    @property
+    def special_tokens_map(self) -> dict[str, str]:
+        return {attr: str(value) for attr, value in self._special_tokens.items() if value is not None}
+
+    @property
+    def all_special_tokens(self) -> list[str]:
+        tokens = [str(v) for v in self._special_tokens.values() if v is not None]
+        return list(dict.fromkeys(tokens + [str(t) for t in self._extra_special_tokens]))
+
+    @property
+    def all_special_ids(self) -> list[int]:
+        return self.convert_tokens_to_ids(self.all_special_tokens)
+
+    def _special_token(self, attr: str) -> str | None:
+        value = self._special_tokens.get(attr)
+        return None if value is None else str(value)
+
+    def _special_id(self, attr: str) -> int | None:
+        token = self._special_token(attr)
+        return None if token is None else self.convert_tokens_to_ids(token)
+
+    bos_token = property(lambda self: self._special_token("bos_token"))
+    eos_token = property(lambda self: self._special_token("eos_token"))
+    unk_token = property(lambda self: self._special_token("unk_token"))
+    pad_token = property(lambda self: self._special_token("pad_token"))
+    bos_token_id = property(lambda self: self._special_id("bos_token"))
+    eos_token_id = property(lambda self: self._special_id("eos_token"))
+    unk_token_id = property(lambda self: self._special_id("unk_token"))
+    pad_token_id = property(lambda self: self._special_id("pad_token"))
+
+    def convert_tokens_to_ids(self, tokens: str | Sequence[str]) -> int | None | list[int | None]:
+        if isinstance(tokens, str):
+            token_id = self.backend.token_to_id(tokens)
+            return self.unk_token_id if token_id is None else token_id
+        return [self.convert_tokens_to_ids(token) for token in tokens]
+
+    def convert_ids_to_tokens(self, ids: int | Sequence[int], skip_special_tokens: bool = False):
+        if isinstance(ids, int):
+            return self.backend.id_to_token(ids)
+        skip = set(self.all_special_ids) if skip_special_tokens else set()
+        return [self.backend.id_to_token(int(i)) for i in ids if int(i) not in skip]
+
+    # --- encode / decode -----------------------------------------------------------------------
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"text to encode must be a str, got {type(text).__name__}")
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str | list[str]:
+        """Token ids (an int, a sequence, or a batch of sequences) back to text."""
+        if isinstance(ids, Mapping):
+            ids = ids["input_ids"]
+        if hasattr(ids, "tolist"):
+            ids = ids.tolist()
+        if isinstance(ids, int):
+            ids = [ids]
+        if ids and isinstance(ids[0], (list, tuple)):
+            return [self.decode(seq, skip_special_tokens) for seq in ids]
+        text = self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        return _clean_up_tokenization(text) if self._clean_up else text
+
+    # --- chat templates ------------------------------------------------------------------------
+
+    def get_chat_template(self, chat_template: str | None = None, tools: list | None = None) -> str:
+        if isinstance(self.chat_template, dict):
+            if chat_template is not None and chat_template in self.chat_template:
+                return self.chat_template[chat_template]
+            if chat_template is None:
+                if tools is not None and "tool_use" in self.chat_template:
+                    return self.chat_template["tool_use"]
+                if "default" in self.chat_template:
+                    return self.chat_template["default"]
+                raise ValueError("This model has multiple chat templates with no default specified; "
+                                 f"pass one of {sorted(self.chat_template)} as chat_template")
+        elif chat_template is None:
+            if self.chat_template is None:
+                raise ValueError("Cannot use chat template functions because tokenizer.chat_template is not set "
+                                 "and no template argument was passed")
+            return self.chat_template
+        return chat_template
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = False, tokenize: bool = True,
+                            return_dict: bool = False, *, tools: list | None = None, documents: list | None = None,
+                            chat_template: str | None = None, continue_final_message: bool | str = False, **kwargs):
+        """Render `messages` (or a batch of conversations) like transformers' apply_chat_template.
+
+        Returns the token ids (list[int]), the rendered text when tokenize=False, or
+        {"input_ids", "attention_mask"} when return_dict=True. Other keyword arguments reach the
+        template, as in transformers.
+        """
+        for option in _UNSUPPORTED_CHAT_OPTIONS:
+            if kwargs.get(option):
+                raise ValueError(f"apply_chat_template: {option} is not supported by kevlard's tokenizer")
+            kwargs.pop(option, None)
+        template = self.get_chat_template(chat_template, tools)
+        if isinstance(messages, (list, tuple)) and not messages:
+            raise ValueError("Cannot apply chat template to an empty conversation. Provide at least one message.")
+        batched = isinstance(messages, (list, tuple)) and (
+            isinstance(messages[0], (list, tuple)) or hasattr(messages[0], "messages"))
+        conversations = [_normalize_messages(c) for c in (messages if batched else [messages])]
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt are not compatible")
+        rendered = [_render(template, chat, tools, documents, continue_final_message, add_generation_prompt,
+                            {**self.special_tokens_map, **kwargs}) for chat in conversations]
+        if not tokenize:
+            return rendered if batched else rendered[0]
+        ids = [self.encode(text, add_special_tokens=False) for text in rendered]
+        if return_dict:
+            masks = [[1] * len(seq) for seq in ids]
+            return {"input_ids": ids, "attention_mask": masks} if batched else {
+                "input_ids": ids[0], "attention_mask": masks[0]}
+        return ids if batched else ids[0]
+
+
+def load_tokenizer(path: str | Path):
+    """`Tokenizer.from_dir(path)`, or transformers' AutoTokenizer where that cannot reproduce it."""
+    try:
+        return Tokenizer.from_dir(path)
+    except ValueError:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+# --- loading: what transformers' AutoTokenizer.from_pretrained does, for the cases we mirror -------
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _tokenizer_class(path: Path, tokenizer_config: dict, config: dict) -> str:
+    """The class AutoTokenizer picks for `path` (models/auto/tokenization_auto.py), "Fast" stripped."""
+    if "auto_map" in tokenizer_config or "fast_tokenizer_files" in tokenizer_config:
+        raise UnsupportedTokenizerError(f"{path}: remote code or versioned tokenizer files")
+    model_type = config.get("model_type") or ""
+    if model_type not in _REGISTERED_CLASS:
+        raise UnsupportedTokenizerError(f"{path}: model type {model_type!r} is not one kevlard mirrors")
+    registered = _REGISTERED_CLASS[model_type]
+    if model_type == "mistral" and _mistral_common_installed():
+        raise UnsupportedTokenizerError(f"{path}: mistral-common may take over this tokenizer")
+    if any(fnmatch.fnmatch(str(path).lower(), pattern) for pattern in _MODEL_IDS_TO_TOKENIZERS_BACKEND):
+        return "TokenizersBackend"
+    config_class = tokenizer_config.get("tokenizer_class")
+    hub_class = config_class or config.get("tokenizer_class")
+    if (hub_class and hub_class.removesuffix("Fast") == "LlamaTokenizer" and model_type not in _HUB_CLASS_DISTRUSTED
+            and '"ByteLevel"' in (path / "tokenizer.json").read_text(encoding="utf-8")):
+        return "TokenizersBackend"  # a Llama-3-style tokenizer that declares LlamaTokenizer
+    if hub_class and model_type and registered and registered.removesuffix("Fast") != hub_class.removesuffix("Fast"):
+        if registered not in _GENERIC_CLASSES:
+            name = registered if model_type in _HUB_CLASS_DISTRUSTED else hub_class
+            if name.removesuffix("Fast") not in _GENERIC_CLASSES:
+                return name.removesuffix("Fast")
+        return "TokenizersBackend"
+    if config_class:  # the slow PythonBackend ("PreTrainedTokenizer") is swapped for TokenizersBackend here
+        name = config_class.removesuffix("Fast")
+        return "TokenizersBackend" if name in (*_GENERIC_CLASSES, "PreTrainedTokenizer") else name
+    if hub_class:  # config.json's, taken as is: PythonBackend stays the slow one
+        name = hub_class if hub_class == "PreTrainedTokenizerFast" else hub_class.removesuffix("Fast")
+        return "TokenizersBackend" if name in ("TokenizersBackend", "PreTrainedTokenizerFast") else name
+    return registered or "TokenizersBackend"
+
+
+def _mistral_common_installed() -> bool:
+    return importlib.util.find_spec("mistral_common") is not None
+
+
+def _init_kwargs(path: Path, tokenizer_config: dict) -> tuple[dict, dict[int, AddedToken] | None]:
+    """The class's init kwargs and added tokens, as PreTrainedTokenizerBase._from_pretrained builds them.
+
+    The added tokens are None where they come from tokenizer.json itself (the caller has it parsed).
+    """
+    kwargs = dict(tokenizer_config)
+    for key in ("tokenizer_class", "init_inputs", "add_bos_token", "add_eos_token"):
+        kwargs.pop(key, None)  # add_bos/eos_token: ignored next to a tokenizer.json
+    templates = {}
+    if (path / "chat_template.jinja").is_file():
+        templates["default"] = (path / "chat_template.jinja").read_text(encoding="utf-8")
+    if (path / "additional_chat_templates").is_dir():
+        for file in (path / "additional_chat_templates").glob("*.jinja"):
+            templates[file.name.removesuffix(".jinja")] = file.read_text(encoding="utf-8")
+    if templates:
+        kwargs["chat_template"] = templates["default"] if list(templates) == ["default"] else templates
+    if isinstance(kwargs.get("chat_template"), (list, tuple)):
+        kwargs["chat_template"] = {t["name"]: t["template"] for t in kwargs["chat_template"]}
+    if "additional_special_tokens" in kwargs and not kwargs.get("extra_special_tokens"):
+        kwargs["extra_special_tokens"] = kwargs.pop("additional_special_tokens")
+    model_specific = {key: kwargs.pop(key) for key in list(kwargs)
+                      if key not in SPECIAL_TOKENS_ATTRIBUTES and key.endswith("_token") and isinstance(kwargs[key], str)}
+    if isinstance(kwargs.get("extra_special_tokens"), dict):
+        model_specific.update(kwargs.pop("extra_special_tokens"))
+    if model_specific:
+        kwargs["model_specific_special_tokens"] = model_specific
+    added_tokens_decoder: dict[int, AddedToken] | None = None
+    if "added_tokens_decoder" in kwargs:
+        added_tokens_decoder = {int(i): AddedToken(**t) if isinstance(t, dict) else t
+                                for i, t in kwargs.pop("added_tokens_decoder").items()}
+    else:  # the legacy files
+        for key, value in _read_json(path / "special_tokens_map.json").items():
+            if isinstance(value, dict) and key != "extra_special_tokens":
+                value = AddedToken(**{k: v for k, v in value.items() if k != "special"}, special=True)
+            elif key == "extra_special_tokens" and isinstance(value, list):
+                merged = list(kwargs.get("extra_special_tokens") or [])
+                for token in value:
+                    token = AddedToken(**token, special=True) if isinstance(token, dict) else token
+                    if token not in merged:
+                        merged.append(token)
+                value = merged
+            kwargs[key] = value
+        if isinstance(kwargs.get("extra_special_tokens"), dict):
+            kwargs.setdefault("model_specific_special_tokens", {}).update(kwargs.pop("extra_special_tokens"))
+        if (path / "added_tokens.json").is_file():
+            raise UnsupportedTokenizerError(f"{path}: legacy added_tokens.json")
+    return _convert_added_tokens(kwargs), added_tokens_decoder
+
+
+def _convert_added_tokens(obj):
+    """{"__type": "AddedToken", ...} dicts, at any depth, to AddedToken (convert_added_tokens)."""
+    if isinstance(obj, dict) and obj.get("__type") == "AddedToken":
+        return AddedToken(**{k: v for k, v in obj.items() if k != "__type"})
+    if isinstance(obj, (list, tuple)):
+        return [_convert_added_tokens(o) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _convert_added_tokens(v) for k, v in obj.items()}
+    return obj
+
+
+def _rebuilt_backend(class_name: str, path: Path, kwargs: dict, added_tokens_decoder):
+    """Qwen2Tokenizer / GPT2Tokenizer: tokenizer.json's vocabulary and merges in the class's own pipeline."""
+    tokenizer_json = json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))
+    model = tokenizer_json.get("model", {})
+    if model.get("type") != "BPE":
+        raise UnsupportedTokenizerError(f"{path}: {class_name} over a {model.get('type')} model")
+    vocab = model["vocab"]
+    if isinstance(vocab, list):
+        vocab = {token[0] if isinstance(token, list) else token: i for i, token in enumerate(vocab)}
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
+    # The post-processor is tokenizer.json's; transformers reads it from the file without the vocabulary.
+    minimal = {**tokenizer_json, "model": {**model, "vocab": {}, "merges": []}, "added_tokens": []}
+    post_processor = RustTokenizer.from_str(json.dumps(minimal)).post_processor
+    add_prefix_space = bool(kwargs.get("add_prefix_space"))
+    if class_name == "Qwen2Tokenizer":
+        backend = RustTokenizer(BPE(vocab=vocab, merges=merges, dropout=None, unk_token=None,
+                                    continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False,
+                                    byte_fallback=False))
+        backend.normalizer = normalizers.NFC()
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space, use_regex=False),
+        ])
+        defaults = ("unk_token", "eos_token", "pad_token")
+    else:
+        backend = RustTokenizer(BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
+                                    end_of_word_suffix="", fuse_unk=False))
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space)
+        defaults = ("unk_token", "bos_token", "eos_token")
+    backend.decoder = decoders.ByteLevel()
+    if post_processor is not None:
+        backend.post_processor = post_processor
+    for key in defaults:  # the class's __init__ defaults
+        kwargs.setdefault(key, "<|endoftext|>")
+    if added_tokens_decoder is None:
+        added_tokens_decoder = {t.pop("id"): AddedToken(**t) for t in tokenizer_json.get("added_tokens", [])}
+    return backend, added_tokens_decoder
+
+
+def _special_tokens(kwargs: dict) -> tuple[dict[str, Any], list]:
+    """Named special tokens (attribute -> token, model-specific ones after the standard seven) and extras."""
+    if "additional_special_tokens" in kwargs and "extra_special_tokens" not in kwargs:
+        kwargs["extra_special_tokens"] = kwargs.pop("additional_special_tokens")
+    special: dict[str, Any] = dict.fromkeys(SPECIAL_TOKENS_ATTRIBUTES)
+    extra: list = []
+    auto_model_specific = {}
+    for key, value in kwargs.items():
+        if key in SPECIAL_TOKENS_ATTRIBUTES:
+            if value is not None and not isinstance(value, (str, AddedToken)):
+                raise UnsupportedTokenizerError(f"special token {key} has to be a str, got {value!r}")
+            if value is not None:
+                special[key] = value
+        elif key == "extra_special_tokens" and value is not None:
+            if isinstance(value, dict):
+                special.update(value)
+            else:
+                extra = list(value)
+        elif key.endswith("_token") and isinstance(value, (str, AddedToken)):
+            auto_model_specific[key] = value
+    special.update({**auto_model_specific, **(kwargs.get("model_specific_special_tokens") or {})})
+    return special, extra
+
+
+def _add_missing_tokens(backend: RustTokenizer, added_tokens_decoder: Mapping[int, AddedToken],
+                        special_tokens: dict[str, Any], extra_special_tokens: list) -> None:
+    """TokenizersBackend.__init__'s add_tokens call, with the same tokens in the same order."""
+    # transformers compares against repr()s of the added-token ids, so it re-adds every one of them.
+    tokens_to_add = [token for _, token in sorted(added_tokens_decoder.items())]
+    encoder = [t.content for _, t in sorted(backend.get_added_tokens_decoder().items())]
+    encoder += [str(t) for t in tokens_to_add]
+    for value in [v for v in special_tokens.values() if v is not None] + list(extra_special_tokens):
+        if str(value) not in encoder and value not in tokens_to_add:
+            tokens_to_add.append(value)
+    named = [str(v) for v in special_tokens.values() if v]
+    tokens = []
+    for token in tokens_to_add:
+        if isinstance(token, str):
+            token = AddedToken(token, special=True)
+        elif not token.special and str(token) in named:
+            token.special = True
+        tokens.append(token)
+    if tokens:
+        backend.add_tokens(tokens)
+
+
+def _clean_up_tokenization(text: str) -> str:
+    for before, after in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                          (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+        text = text.replace(before, after)
+    return text
+
+
+# --- chat templates: transformers/utils/chat_template_utils.py, without transformers -------------
+
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
+
+
+def _render(template: str, chat: list[dict], tools, documents, continue_final_message: bool | str,
+            add_generation_prompt: bool, template_kwargs: dict) -> str:
+    """One conversation through render_jinja_template (no assistant-token mask)."""
+    compiled = _compile_template(template)
+    if tools is not None:
+        tools = [tool if isinstance(tool, dict) else _json_schema(tool) for tool in tools]
+    if documents is not None and not all(isinstance(d, dict) for d in documents):
+        raise TypeError("Documents should be a list of dicts with 'title' and 'text' keys!")
+    tools, documents, template_kwargs = _plain(tools), _plain(documents), _plain(template_kwargs)
+    chat = _alias_reasoning(_plain(chat))
+    if continue_final_message:
+        field = continue_final_message if isinstance(continue_final_message, str) else "content"
+        final = chat[-1].get(field)
+        if final is None:
+            raise ValueError(f'continue_final_message is set but the final message has no "{field}" to continue!')
+        fields = [field]
+        if field in _REASONING_FIELDS:
+            fields = [f for f in _REASONING_FIELDS if chat[-1].get(f) == final]
+        if not any(f in template for f in fields):
+            raise ValueError(f'continue_final_message is set to "{field}" but this is not an accepted field '
+                             "in the chat_template")
+        if isinstance(final, (list, tuple)):
+            for block in reversed(final):
+                if "text" in block:
+                    final = block["text"]
+                    block["text"] = block["text"] + _CONTINUE_TAG
+                    break
+            else:
+                raise ValueError("continue_final_message is set but we could not find any text to continue")
+        else:
+            for f in fields:
+                chat[-1][f] = chat[-1][f] + _CONTINUE_TAG
+    rendered = compiled.render(messages=chat, tools=tools, documents=documents,
+                               add_generation_prompt=add_generation_prompt, **template_kwargs)
+    if continue_final_message:
+        if final.strip() not in rendered or _CONTINUE_TAG.strip() not in rendered:
+            raise ValueError("continue_final_message is set but the final message does not appear in the chat "
+                             "after applying the chat template")
+        tag_at = rendered.rindex(_CONTINUE_TAG.strip())
+        if rendered[tag_at:tag_at + len(_CONTINUE_TAG)] == _CONTINUE_TAG:
+            rendered = rendered[:tag_at]
+        else:
+            rendered = rendered[:tag_at].rstrip()
+    return rendered
+
+
+def _json_schema(tool):
+    if inspect.isfunction(tool) or inspect.ismethod(tool):
+        from transformers.utils import (
+            get_json_schema,  # rare: a Python function given as a tool
+        )
+
+        return get_json_schema(tool)
+    raise ValueError("Tools should either be a JSON schema, or a callable function with type hints "
+                     "and a docstring suitable for auto-conversion to a schema.")
+
+
+def _to_dicts(value: Any) -> Any:
+    """Message objects (dataclasses, pydantic models), at any depth, to dicts."""
+    if isinstance(value, Mapping):
+        return {k: _to_dicts(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_to_dicts(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_to_dicts(v) for v in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _to_dicts(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if callable(getattr(value, "model_dump", None)):
+        return _to_dicts(value.model_dump())
+    return value
+
+
+def _normalize_messages(conversation: Any) -> list[dict]:
+    """Messages as dicts, without the keys whose value is None (_normalize_chat_messages)."""
+    messages = _to_dicts(getattr(conversation, "messages", conversation))
+    for message in messages:
+        if not isinstance(message, dict):
+            raise TypeError(f"Chat messages should be dicts, dataclasses or pydantic models, but got {message!r}.")
+    return [{k: v for k, v in message.items() if v is not None} for message in messages]
+
+
+def _plain(value: Any) -> Any:
+    """Only plain JSON types reach the sandbox (_plain_template_data)."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, int):
+        return int.__int__(value)
+    if isinstance(value, float):
+        return float.__float__(value)
+    if isinstance(value, Mapping):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_plain(v) for v in value)
+    numpy = sys.modules.get("numpy")  # a numpy scalar can only exist if numpy is imported
+    if numpy is not None and isinstance(value, numpy.generic):
+        return _plain(value.item())
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if callable(getattr(value, "model_dump", None)):
+        return _plain(value.model_dump())
+    return f"<{type(value).__name__}>"
+
+
+def _alias_reasoning(chat: list) -> list:
+    aliased = []
+    for message in chat:
+        if isinstance(message, dict):
+            reasoning = next((message[k] for k in _REASONING_FIELDS if message.get(k) is not None), None)
+            if reasoning is not None:
+                message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
+        aliased.append(message)
+    return aliased
+
+
+@lru_cache(maxsize=16)
+def _compile_template(template: str):
+    """The template in a sandbox set up like transformers' _cached_compile_jinja_template."""
+    import jinja2
+    import jinja2.ext
+    import jinja2.nodes
+    import jinja2.utils
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class GenerationBlock(jinja2.ext.Extension):
+        """Parses {% generation %}...{% endgeneration %} and renders the body (transformers' AssistantTracker)."""
+
+        tags: ClassVar[set[str]] = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(["name:endgeneration"], drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        # Jinja's own tojson escapes HTML characters; chat templates want plain JSON.
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    def strftime_now(format):
+        return datetime.now().strftime(format)
+
+    class TemplateDict:
+        def __call__(self, *args, **kwargs):
+            return dict(*args, **kwargs)
+
+        def fromkeys(self, *args, **kwargs):
+            return dict.fromkeys(*args, **kwargs)
+
+    class TemplateNamespace(jinja2.utils.Namespace):
+        """A namespace that refuses underscore-prefixed attributes (no reaching CPython internals)."""
+
+        def __init__(*args, **kwargs):
+            self, args = args[0], args[1:]
+            attrs = dict(*args, **kwargs)
+            for name in attrs:
+                TemplateNamespace._check_name(name)
+            jinja2.utils.Namespace.__init__(self, attrs)
+
+        def __setitem__(self, name, value):
+            TemplateNamespace._check_name(name)
+            jinja2.utils.Namespace.__setitem__(self, name, value)
+
+        @staticmethod
+        def _check_name(name):
+            if isinstance(name, str) and name.startswith("_"):
+                raise jinja2.exceptions.SecurityError(
+                    f"Chat templates cannot store underscore-prefixed attributes on a namespace, but got {name!r}.")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[GenerationBlock, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = strftime_now
+    env.globals["dict"] = TemplateDict()
+    env.globals["namespace"] = TemplateNamespace
+    return env.from_string(template)

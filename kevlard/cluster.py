@@ -57,6 +57,7 @@ class Cluster:
             for p in range(P) for s in range(topology.stages)}
         self.replication = replication and P > 1
         self._next_worker_id = topology.num_workers
+        self.stopping = False
         self._cmd_ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future] = {}
         self._store = None
@@ -214,6 +215,9 @@ class Cluster:
         w = self.workers.get(wid)
         if w is None or w.state == "dead":
             return
+        if self.stopping:  # we asked it to exit
+            w.state = "stopped"
+            return
         w.state = "dead"
         w.failure = w.failure or "kill"
         w.handle.process.join(0.05)  # an EOF means it is exiting: let it, so its exit code is its own
@@ -253,6 +257,7 @@ class Cluster:
         return {"workers": workers, "pipelines": pipelines}
 
     def stop(self, timeout_s: float = 5.0) -> None:
+        self.stopping = True
         for w in self.workers.values():
             w.handle.send(m.Shutdown())
         deadline = time.monotonic() + timeout_s

@@ -156,9 +156,11 @@ async def _load_and_serve(config: Config, topo, cluster, t0: float) -> int:
 async def _run_http(config: Config, engine, t0: float, after_ready) -> int:
     import uvicorn
 
-    from kevlard.web.app import create_app
+    from kevlard.admin_token import resolve_admin_token
+    from kevlard.web.app import close_streams, create_app
 
-    app = create_app(engine, config)
+    admin_token, token_file = resolve_admin_token(config.server.admin_token)
+    app = create_app(engine, config, admin_token=admin_token)
     server = uvicorn.Server(uvicorn.Config(app, host=config.server.host, port=config.server.port,
                                            log_level="warning", access_log=False, lifespan="off",
                                            timeout_graceful_shutdown=max(1, int(config.server.drain_timeout_s))))
@@ -169,6 +171,7 @@ async def _run_http(config: Config, engine, t0: float, after_ready) -> int:
         if server.should_exit:
             server.force_exit = True  # a second signal: do not wait for the drain
         server.should_exit = True
+        close_streams(app)  # open /api/events streams must not hold the shutdown
         log.info("shutting down: no new connections, draining in-flight requests")
 
     _on_signals(stop)
@@ -180,6 +183,9 @@ async def _run_http(config: Config, engine, t0: float, after_ready) -> int:
     host, port = server.servers[0].sockets[0].getsockname()[:2]
     log.info("ready in %.1f s: serving %s on http://%s:%d", time.monotonic() - t0, engine.model_name, host, port)
     print(f"kevlard: serving {engine.model_name} on http://{host}:{port}", flush=True)
+    if token_file is not None:
+        print(f"kevlard: admin token written to {token_file} (owner-only); dashboard: "
+              f"http://{host}:{port}/?token={admin_token}", flush=True)
     background = asyncio.create_task(after_ready())
     await task
     background.cancel()

@@ -287,6 +287,7 @@ class KevlarEngine:
     async def drain(self, timeout_s: float) -> None:
         """Stop taking requests; wait up to timeout_s for the accepted ones to finish."""
         self._shutting_down = True
+        self.cluster.stopping = True  # workers exiting from now on are not failures
         for task in self._background:
             task.cancel()
         deadline = time.monotonic() + timeout_s

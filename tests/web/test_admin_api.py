@@ -319,3 +319,10 @@ def test_generated_token_opens_the_admin_api(tmp_path, engine):
         r = httpx.post(f"{url}/api/faults", json={"worker": 0, "kind": "kill"}, headers=auth(token))
     assert r.status_code == 202
     assert engine.faults == [(0, "kill", None)]
+
+
+def test_idle_event_stream_is_pinged_with_comments(engine, monkeypatch):
+    monkeypatch.setattr("kevlard.web.ops_api.PING_INTERVAL_S", 0.05)
+    with live_server(engine) as (url, _), httpx.stream("GET", f"{url}/api/events", timeout=DEADLINE_S) as r:
+        first = next(line for line in r.iter_lines() if line)
+    assert first.startswith(": ping")  # a comment: EventSource clients ignore it

@@ -126,9 +126,9 @@ async def _load_and_serve(config: Config, topo, cluster, t0: float) -> int:
     store = await asyncio.to_thread(HostWeightStore.create, source, config.model.dtype, "")
     try:
         log.info("host weight store: %.1f MB in %s", store.nbytes / 2 ** 20, store.path)
-        dtype_size = 2 if config.model.dtype in ("float16", "bfloat16") else 4
+        kv_dtype_size = 4 if config.model.dtype in ("float16", "bfloat16") else 8  # gpu/kv_cache.attention_dtype
         max_layers = max(b - a for a, b in bounds)
-        per_block = bytes_per_block(max_layers, config.kv.block_size, spec.num_kv_heads, spec.head_dim, dtype_size)
+        per_block = bytes_per_block(max_layers, config.kv.block_size, spec.num_kv_heads, spec.head_dim, kv_dtype_size)
         # with replication, the rest of the memory is a replica pool mirroring the buddy's block ids
         share = 1.0 - config.kv.replica_fraction if cluster.replication else 1.0
         num_blocks = config.kv.num_blocks or max(1, int(config.kv.memory_mb * 2 ** 20 * share) // per_block)

@@ -16,6 +16,10 @@ class LinkError(RuntimeError):
     """The peer is gone, hung past the timeout, or the link was closed."""
 
 
+class StepAborted(LinkError):
+    """The previous stage could not run the step and said so."""
+
+
 class Link:
     def __init__(self, name: str, rank: int, store_host: str, store_port: int, timeout_s: float):
         if rank not in (0, 1):
@@ -48,6 +52,26 @@ class Link:
         except (RuntimeError, AttributeError) as e:
             raise LinkError(f"link {self.name}: recv failed: {e}") from e
         return buf
+
+    # Activations travel as a header [step_id, rows] and, unless rows is ABORT, the rows. Every
+    # step sends exactly one header down each link it crosses, even a step that failed upstream,
+    # so a receiver never takes one step's data for another's.
+    ABORT = -1
+
+    def send_step(self, step_id: int, hidden: torch.Tensor | None) -> None:
+        rows = hidden.shape[0] if hidden is not None else self.ABORT
+        self.send(torch.tensor([step_id, rows], dtype=torch.long))
+        if hidden is not None:
+            self.send(hidden)
+
+    def recv_step(self, step_id: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+        got_step, rows = self.recv((2,), torch.long).tolist()
+        if rows == self.ABORT:
+            raise StepAborted(f"step {got_step} failed upstream")
+        hidden = self.recv((rows, width), dtype)
+        if got_step != step_id:
+            raise LinkError(f"link {self.name}: expected step {step_id}, got {got_step}")
+        return hidden
 
     def close(self) -> None:
         if not self.closed:

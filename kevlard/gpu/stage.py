@@ -128,9 +128,15 @@ class StageModel:
                 q_pos = torch.arange(c.start, c.start + c.num_tokens, device=q.device)
                 k_pos = torch.arange(c.start + c.num_tokens, device=q.device)
                 mask = k_pos[None, :] <= q_pos[:, None]  # [n, ctx]
-            o = F.scaled_dot_product_attention(qc.unsqueeze(0), kc.unsqueeze(0), vc.unsqueeze(0),
-                                               attn_mask=mask, enable_gqa=spec.num_kv_heads != spec.num_heads)
-            out[c.offset:c.offset + c.num_tokens] = o[0].transpose(0, 1)
+            # float64, rounded back: a prefill chunk and token-by-token decoding reduce in different
+            # orders, and the float32 results would differ in their last bits. In float64 the
+            # difference is ~2^-52, which rounding to float32 almost always erases, so a request
+            # recomputed after a failure gets the same numbers it had before.
+            # The KV cache is kept in the attention dtype already (see gpu/kv_cache.py).
+            o = F.scaled_dot_product_attention(qc.unsqueeze(0).to(kc.dtype), kc.unsqueeze(0),
+                                               vc.unsqueeze(0), attn_mask=mask,
+                                               enable_gqa=spec.num_kv_heads != spec.num_heads)
+            out[c.offset:c.offset + c.num_tokens] = o[0].transpose(0, 1).to(out.dtype)
         return out
 
     def _layer(self, kv: KVCache, layer: int, li: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

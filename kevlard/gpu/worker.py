@@ -90,7 +90,7 @@ class Worker:
             self.send(m.CommandDone(self.id, cmd_id, f"{type(e).__name__}: {e}"))
 
     def _host_stage(self, msg: m.HostStage) -> dict:
-        from kevlard.gpu.kv_cache import KVCache
+        from kevlard.gpu.kv_cache import KVCache, attention_dtype
         from kevlard.gpu.stage import StageModel
         from kevlard.gpu.weight_store import attach_stage
 
@@ -103,7 +103,7 @@ class Worker:
         else:
             weights = attach_stage(msg.handle, str(self.device))
         spec = msg.spec
-        dtype = getattr(self.torch, msg.dtype)
+        dtype = attention_dtype(getattr(self.torch, msg.dtype))
 
         def cache() -> KVCache:
             return KVCache(msg.last_layer - msg.first_layer, msg.num_blocks, msg.block_size, spec.num_kv_heads,
@@ -187,6 +187,7 @@ class Worker:
     def _step(self, step: m.Step) -> None:
         from kevlard.gpu.link import LinkError
 
+        self._sent_downstream = False
         try:
             t0 = time.perf_counter()
             sampled = self._run_step(step)
@@ -195,12 +196,26 @@ class Worker:
             self.steps_done += 1
             self.send(m.StepDone(self.id, step.step_id, sampled, time.perf_counter() - t0))
         except LinkError as e:
+            self._abort_downstream(step)
             self.send(m.StepFailed(self.id, step.step_id, str(e)))
         except Exception as e:
             if self.device.type == "cuda" and "CUDA" in str(e):
                 self.send(m.WorkerFailure(self.id, "device_error", str(e)))
                 os._exit(3)
+            self._abort_downstream(step)
             self.send(m.StepFailed(self.id, step.step_id, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+
+    def _abort_downstream(self, step: m.Step) -> None:
+        """Tell the next stage this step will not come, so it does not wait for it (or worse,
+        take the next step's activations for this one's)."""
+        from kevlard.gpu.link import LinkError
+
+        link = self.links.get(("act", step.send_to)) if step.send_to is not None else None
+        if link is not None and not self._sent_downstream:
+            try:
+                link.send_step(step.step_id, None)
+            except LinkError:
+                pass  # the next stage is gone too
 
     def _run_step(self, step: m.Step) -> tuple[tuple[int, int], ...]:
         from kevlard.gpu.sampler import sample_row
@@ -223,12 +238,14 @@ class Worker:
             ids = torch.tensor([t for c in chunks for t in c.token_ids], dtype=torch.long, device=self.device)
             hidden = stage.embed(ids)
         else:
-            hidden = self.links[("act", step.recv_from)].recv((offset, hidden_size), stage.dtype).to(self.device)
+            hidden = self.links[("act", step.recv_from)].recv_step(step.step_id, hidden_size, stage.dtype)
+            hidden = hidden.to(self.device)
         hidden = stage.forward(hidden, views, positions_t, kv)  # [T, H]
         if step.replicate and self.replica_sender is not None and step.pool == "primary":
             self.replica_sender.enqueue(step.pipeline, self._stage_index(), chunks)
         if step.send_to is not None:
-            self.links[("act", step.send_to)].send(hidden.cpu())
+            self._sent_downstream = True
+            self.links[("act", step.send_to)].send_step(step.step_id, hidden.cpu())
             return ()
         rows = [v.offset + v.num_tokens - 1 for v, c in zip(views, chunks) if c.sample]
         if not rows:

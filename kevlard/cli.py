@@ -60,6 +60,17 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--label", default="", metavar="TEXT", help="name of this run in the table and the JSON")
     bench.add_argument("--timeout-s", type=float, default=300.0, metavar="X",
                        help="give up on a request after X s (default 300)")
+    bench.add_argument("--fault", action="append", default=[], metavar="KIND@TIME[:worker=ID]",
+                       help="inject a fault (kill, hang, slow, device_error) TIME after the start, e.g. "
+                            "kill@5s, hang@8s:worker=3, slow@500ms:duration=2s; repeatable")
+    bench.add_argument("--fault-stage", type=int, metavar="S",
+                       help="a fault without worker= hits stage S of pipeline 0 (default: the middle one)")
+    bench.add_argument("--admin-token", metavar="T",
+                       help="admin token for /api/faults (default: ~/.local/state/kevlard/admin_token)")
+    bench.add_argument("--window-s", type=float, default=5.0, metavar="X",
+                       help="failure window: requests in flight at a fault or sent X s after it (default 5)")
+    bench.add_argument("--warmup", type=int, default=0, metavar="N",
+                       help="send N requests and await them before the measured run (default 0)")
     bench.set_defaults(command="bench", run=_bench)
 
     fault = sub.add_parser("fault", help="inject a fault into a worker of a running daemon")
@@ -107,11 +118,16 @@ def _serve(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     import asyncio
 
-    from kevlard.bench.loadgen import BenchError, StderrProgress, check_load_args, run_load
-    from kevlard.bench.report import format_markdown
+    from kevlard.bench.loadgen import BenchError, StderrProgress, check_load_args, parse_fault_spec, run_load
+    from kevlard.bench.report import format_fault_markdown, format_markdown
 
     try:
         check_load_args(args.rate, args.requests, args.output_tokens, args.timeout_s)
+        faults = [parse_fault_spec(text) for text in args.fault]
+        if args.warmup < 0:
+            raise ValueError(f"warmup must be >= 0, got {args.warmup}")
+        if not args.window_s > 0:
+            raise ValueError(f"window must be > 0 s, got {args.window_s}")
     except ValueError as e:
         print(f"kevlard bench: error: {e}", file=sys.stderr)
         return 2
@@ -120,14 +136,20 @@ def _bench(args: argparse.Namespace) -> int:
         result = asyncio.run(run_load(
             args.url, args.rate, args.requests, args.output_tokens, args.seed, args.model,
             api_key=args.api_key, ignore_eos=args.ignore_eos, timeout_s=args.timeout_s,
-            label=args.label, progress=progress))
+            label=args.label, progress=progress, faults=faults, fault_stage=args.fault_stage,
+            admin_token=args.admin_token, window_s=args.window_s, warmup=args.warmup))
     except BenchError as e:
         print(f"kevlard bench: {e}", file=sys.stderr)
         return 1
     finally:
         progress.close()
     summary = result.summary
-    print(format_markdown([(result.label or result.model, summary)]))
+    label = result.label or result.model
+    print(format_markdown([(label, summary)]))
+    fault_rows = result.fault_metrics
+    if fault_rows:
+        print()
+        print(format_fault_markdown([(label, summary, fault_rows)]))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as out:
             json.dump(result.to_json(), out, indent=2)
@@ -135,8 +157,14 @@ def _bench(args: argparse.Namespace) -> int:
     errors = sorted({record.error for record in result.records if record.error})
     for error in errors[:5]:
         print(f"kevlard bench: failed: {error}", file=sys.stderr)
-    # Some failures are what a fault benchmark measures; none succeeding is a broken setup.
-    return 0 if summary["succeeded"] else 1
+    if result.warmup_failed:
+        print(f"kevlard bench: {result.warmup_failed} of {args.warmup} warmup requests failed", file=sys.stderr)
+    missed = [fault for fault in result.faults if not fault.ok]
+    for fault in missed:
+        print(f"kevlard bench: fault {fault.kind}@{fault.at_s:g}s not injected: {fault.error}", file=sys.stderr)
+    # Some failures are what a fault benchmark measures; none succeeding, or a fault that could
+    # not be injected, is a broken setup.
+    return 0 if summary["succeeded"] and not missed else 1
 
 
 def _fault(args: argparse.Namespace) -> int:

@@ -31,6 +31,8 @@ class Recovery:
         self.recovery_seconds: list[float] = []
         self._tasks: set[asyncio.Task] = set()
         self._pending_restore: list[tuple[int, int, float]] = []  # (pipeline, stage, failed_at)
+        self._last_lag, self._lag_reported_at = 0, 0.0
+        self._restarting: set[int] = set()  # pipelines being torn down and restarted
 
     # ---------------------------------------------------------------- detection
 
@@ -48,6 +50,12 @@ class Recovery:
             for step_id in self.monitor.late_steps(now, self.engine.dispatched_at()):
                 self.events.emit("step_deadline", None, level=logging.WARNING, step=step_id)
                 self.engine.write_off_step(step_id)
+            if now - self._lag_reported_at >= 1.0:
+                lag = self.engine.replica_lag()
+                if lag != self._last_lag:
+                    self.events.emit("replica_lag", None, tokens=lag)
+                    self._last_lag = lag
+                self._lag_reported_at = now
 
     def on_worker_failure_report(self, wid: int, kind: str, message: str) -> None:
         w = self.cluster.workers.get(wid)
@@ -70,10 +78,11 @@ class Recovery:
                 self.scheduler.forget_replicas(p, s)
         for p, route in enumerate(self.cluster.routes):
             for s, owner in enumerate(route):
-                if owner != wid:
+                if owner != wid or p in self._restarting:
                     continue
                 self.engine.write_off_pipeline_steps(p)
                 if self.config.recovery == "restart":
+                    self._restarting.add(p)
                     self._spawn_task(self.restart_pipeline(p, failed_at))
                 else:
                     self._spawn_task(self.reroute(p, s, failed_at))
@@ -150,6 +159,7 @@ class Recovery:
             spare = cluster.take_spare()
         if spare is None:
             self.events.emit("restore_waiting", None, level=logging.WARNING, pipeline=p, stage=s)
+            self._pending_restore.append((p, s, failed_at))
             return
         self.events.emit("rehost", spare, pipeline=p, stage=s, state="rehosting")
         try:
@@ -193,7 +203,9 @@ class Recovery:
         except Exception as e:
             self.events.emit("rehost_failed", spare, level=logging.ERROR, pipeline=p, stage=s, error=str(e))
             cluster.fence(spare, "rehost_failed")
-            sched.activate(p) if cluster.route_alive(p) else None
+            if cluster.route_alive(p):
+                sched.activate(p)
+            self._pending_restore.append((p, s, failed_at))  # the next spare tries again
         self.engine.pump_all()
 
     async def _rewire_replicas(self, p: int, s: int, spare: int, previous: int) -> None:
@@ -225,6 +237,10 @@ class Recovery:
         if self.cluster.workers[wid].state == "starting":
             self.cluster.workers[wid].state = "spare"
             self.events.emit("worker_state", wid, state="spare", device=device)
+        while self._pending_restore and self.cluster.workers[wid].state == "spare":
+            p, s, failed_at = self._pending_restore.pop(0)
+            if self.cluster.routes[p][s] != wid and (not self.cluster.route_alive(p) or self.cluster.pool(p, s) != "primary"):
+                await self.restore(p, s, failed_at)
 
     # ---------------------------------------------------------------- the baseline
 
@@ -254,7 +270,9 @@ class Recovery:
             await asyncio.gather(*(cluster.open_link(a, b) for a, b in zip(new, new[1:])))
         except Exception as e:
             self.events.emit("restart_failed", None, level=logging.ERROR, pipeline=p, error=str(e))
+            self._restarting.discard(p)
             return
+        self._restarting.discard(p)
         sched.activate(p)
         self.counters["restarts"] += 1
         took = time.monotonic() - failed_at

@@ -1,25 +1,20 @@
-"""The model's tokenizer without transformers: the `tokenizers` library plus jinja2 for chat templates.
+"""The model's tokenizer without transformers: the `tokenizers` library, with chat_template.py for templates.
 
 `AutoTokenizer.from_pretrained` costs ~3 s, most of it importing transformers, and `kevlard serve`
 must be ready within 5 s. `Tokenizer.from_dir` builds the same Rust tokenizer transformers 5
 builds, by replaying the calls its loader makes (TokenizersBackend; Qwen2Tokenizer and
-GPT2Tokenizer, which rebuild the pipeline around tokenizer.json's vocabulary), and renders chat templates in a
-sandbox configured like transformers'. A directory whose tokenizer class it does not reproduce
+GPT2Tokenizer, which rebuild the pipeline around tokenizer.json's vocabulary), and tokenizes the chat
+templates that `kevlard.chat_template` renders. A directory whose tokenizer class it does not reproduce
 raises `UnsupportedTokenizerError`; `load_tokenizer` then falls back to `AutoTokenizer`.
 """
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
 import importlib.util
-import inspect
 import json
-import sys
 from collections.abc import Mapping, Sequence
-from datetime import datetime
-from functools import lru_cache
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 from tokenizers import (
     AddedToken,
@@ -31,6 +26,13 @@ from tokenizers import (
 )
 from tokenizers import Tokenizer as RustTokenizer
 from tokenizers.models import BPE
+
+from kevlard.chat_template import (
+    read_template_files,
+    reject_unsupported_options,
+    render_conversations,
+    select_template,
+)
 
 SPECIAL_TOKENS_ATTRIBUTES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 _REBUILT_CLASSES = ("Qwen2Tokenizer", "GPT2Tokenizer")  # classes whose pipeline replaces tokenizer.json's
@@ -48,9 +50,6 @@ QWEN2_PRETOKENIZE_REGEX = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
 _MISTRAL_REGEX_VOCAB = 100_000  # above this transformers may patch the pre-tokenizer (fix_mistral_regex)
-# apply_chat_template options of transformers' that this class does not implement.
-_UNSUPPORTED_CHAT_OPTIONS = ("padding", "truncation", "max_length", "return_tensors", "return_assistant_tokens_mask",
-                             "sanitize_control_tokens", "tokenizer_kwargs")
 
 
 class UnsupportedTokenizerError(ValueError):
@@ -185,22 +184,7 @@ class Tokenizer:
     # --- chat templates ------------------------------------------------------------------------
 
     def get_chat_template(self, chat_template: str | None = None, tools: list | None = None) -> str:
-        if isinstance(self.chat_template, dict):
-            if chat_template is not None and chat_template in self.chat_template:
-                return self.chat_template[chat_template]
-            if chat_template is None:
-                if tools is not None and "tool_use" in self.chat_template:
-                    return self.chat_template["tool_use"]
-                if "default" in self.chat_template:
-                    return self.chat_template["default"]
-                raise ValueError("This model has multiple chat templates with no default specified; "
-                                 f"pass one of {sorted(self.chat_template)} as chat_template")
-        elif chat_template is None:
-            if self.chat_template is None:
-                raise ValueError("Cannot use chat template functions because tokenizer.chat_template is not set "
-                                 "and no template argument was passed")
-            return self.chat_template
-        return chat_template
+        return select_template(self.chat_template, chat_template, tools)
 
     def apply_chat_template(self, messages, add_generation_prompt: bool = False, tokenize: bool = True,
                             return_dict: bool = False, *, tools: list | None = None, documents: list | None = None,
@@ -211,20 +195,10 @@ class Tokenizer:
         {"input_ids", "attention_mask"} when return_dict=True. Other keyword arguments reach the
         template, as in transformers.
         """
-        for option in _UNSUPPORTED_CHAT_OPTIONS:
-            if kwargs.get(option):
-                raise ValueError(f"apply_chat_template: {option} is not supported by kevlard's tokenizer")
-            kwargs.pop(option, None)
+        reject_unsupported_options(kwargs)
         template = self.get_chat_template(chat_template, tools)
-        if isinstance(messages, (list, tuple)) and not messages:
-            raise ValueError("Cannot apply chat template to an empty conversation. Provide at least one message.")
-        batched = isinstance(messages, (list, tuple)) and (
-            isinstance(messages[0], (list, tuple)) or hasattr(messages[0], "messages"))
-        conversations = [_normalize_messages(c) for c in (messages if batched else [messages])]
-        if continue_final_message and add_generation_prompt:
-            raise ValueError("continue_final_message and add_generation_prompt are not compatible")
-        rendered = [_render(template, chat, tools, documents, continue_final_message, add_generation_prompt,
-                            {**self.special_tokens_map, **kwargs}) for chat in conversations]
+        rendered, batched = render_conversations(template, messages, tools, documents, continue_final_message,
+                                                 add_generation_prompt, {**self.special_tokens_map, **kwargs})
         if not tokenize:
             return rendered if batched else rendered[0]
         ids = [self.encode(text, add_special_tokens=False) for text in rendered]
@@ -296,14 +270,9 @@ def _init_kwargs(path: Path, tokenizer_config: dict) -> tuple[dict, dict[int, Ad
     kwargs = dict(tokenizer_config)
     for key in ("tokenizer_class", "init_inputs", "add_bos_token", "add_eos_token"):
         kwargs.pop(key, None)  # add_bos/eos_token: ignored next to a tokenizer.json
-    templates = {}
-    if (path / "chat_template.jinja").is_file():
-        templates["default"] = (path / "chat_template.jinja").read_text(encoding="utf-8")
-    if (path / "additional_chat_templates").is_dir():
-        for file in (path / "additional_chat_templates").glob("*.jinja"):
-            templates[file.name.removesuffix(".jinja")] = file.read_text(encoding="utf-8")
-    if templates:
-        kwargs["chat_template"] = templates["default"] if list(templates) == ["default"] else templates
+    templates = read_template_files(path)
+    if templates is not None:
+        kwargs["chat_template"] = templates
     if isinstance(kwargs.get("chat_template"), (list, tuple)):
         kwargs["chat_template"] = {t["name"]: t["template"] for t in kwargs["chat_template"]}
     if "additional_special_tokens" in kwargs and not kwargs.get("extra_special_tokens"):
@@ -438,196 +407,3 @@ def _clean_up_tokenization(text: str) -> str:
                           (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
         text = text.replace(before, after)
     return text
-
-
-# --- chat templates: transformers/utils/chat_template_utils.py, without transformers -------------
-
-_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
-_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
-
-
-def _render(template: str, chat: list[dict], tools, documents, continue_final_message: bool | str,
-            add_generation_prompt: bool, template_kwargs: dict) -> str:
-    """One conversation through render_jinja_template (no assistant-token mask)."""
-    compiled = _compile_template(template)
-    if tools is not None:
-        tools = [tool if isinstance(tool, dict) else _json_schema(tool) for tool in tools]
-    if documents is not None and not all(isinstance(d, dict) for d in documents):
-        raise TypeError("Documents should be a list of dicts with 'title' and 'text' keys!")
-    tools, documents, template_kwargs = _plain(tools), _plain(documents), _plain(template_kwargs)
-    chat = _alias_reasoning(_plain(chat))
-    if continue_final_message:
-        field = continue_final_message if isinstance(continue_final_message, str) else "content"
-        final = chat[-1].get(field)
-        if final is None:
-            raise ValueError(f'continue_final_message is set but the final message has no "{field}" to continue!')
-        fields = [field]
-        if field in _REASONING_FIELDS:
-            fields = [f for f in _REASONING_FIELDS if chat[-1].get(f) == final]
-        if not any(f in template for f in fields):
-            raise ValueError(f'continue_final_message is set to "{field}" but this is not an accepted field '
-                             "in the chat_template")
-        if isinstance(final, (list, tuple)):
-            for block in reversed(final):
-                if "text" in block:
-                    final = block["text"]
-                    block["text"] = block["text"] + _CONTINUE_TAG
-                    break
-            else:
-                raise ValueError("continue_final_message is set but we could not find any text to continue")
-        else:
-            for f in fields:
-                chat[-1][f] = chat[-1][f] + _CONTINUE_TAG
-    rendered = compiled.render(messages=chat, tools=tools, documents=documents,
-                               add_generation_prompt=add_generation_prompt, **template_kwargs)
-    if continue_final_message:
-        if final.strip() not in rendered or _CONTINUE_TAG.strip() not in rendered:
-            raise ValueError("continue_final_message is set but the final message does not appear in the chat "
-                             "after applying the chat template")
-        tag_at = rendered.rindex(_CONTINUE_TAG.strip())
-        if rendered[tag_at:tag_at + len(_CONTINUE_TAG)] == _CONTINUE_TAG:
-            rendered = rendered[:tag_at]
-        else:
-            rendered = rendered[:tag_at].rstrip()
-    return rendered
-
-
-def _json_schema(tool):
-    if inspect.isfunction(tool) or inspect.ismethod(tool):
-        from transformers.utils import (
-            get_json_schema,  # rare: a Python function given as a tool
-        )
-
-        return get_json_schema(tool)
-    raise ValueError("Tools should either be a JSON schema, or a callable function with type hints "
-                     "and a docstring suitable for auto-conversion to a schema.")
-
-
-def _to_dicts(value: Any) -> Any:
-    """Message objects (dataclasses, pydantic models), at any depth, to dicts."""
-    if isinstance(value, Mapping):
-        return {k: _to_dicts(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_to_dicts(v) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_to_dicts(v) for v in value)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _to_dicts(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if callable(getattr(value, "model_dump", None)):
-        return _to_dicts(value.model_dump())
-    return value
-
-
-def _normalize_messages(conversation: Any) -> list[dict]:
-    """Messages as dicts, without the keys whose value is None (_normalize_chat_messages)."""
-    messages = _to_dicts(getattr(conversation, "messages", conversation))
-    for message in messages:
-        if not isinstance(message, dict):
-            raise TypeError(f"Chat messages should be dicts, dataclasses or pydantic models, but got {message!r}.")
-    return [{k: v for k, v in message.items() if v is not None} for message in messages]
-
-
-def _plain(value: Any) -> Any:
-    """Only plain JSON types reach the sandbox (_plain_template_data)."""
-    if value is None or type(value) in (str, int, float, bool):
-        return value
-    if isinstance(value, str):
-        return str.__str__(value)
-    if isinstance(value, int):
-        return int.__int__(value)
-    if isinstance(value, float):
-        return float.__float__(value)
-    if isinstance(value, Mapping):
-        return {_plain(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_plain(v) for v in value)
-    numpy = sys.modules.get("numpy")  # a numpy scalar can only exist if numpy is imported
-    if numpy is not None and isinstance(value, numpy.generic):
-        return _plain(value.item())
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if callable(getattr(value, "model_dump", None)):
-        return _plain(value.model_dump())
-    return f"<{type(value).__name__}>"
-
-
-def _alias_reasoning(chat: list) -> list:
-    aliased = []
-    for message in chat:
-        if isinstance(message, dict):
-            reasoning = next((message[k] for k in _REASONING_FIELDS if message.get(k) is not None), None)
-            if reasoning is not None:
-                message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
-        aliased.append(message)
-    return aliased
-
-
-@lru_cache(maxsize=16)
-def _compile_template(template: str):
-    """The template in a sandbox set up like transformers' _cached_compile_jinja_template."""
-    import jinja2
-    import jinja2.ext
-    import jinja2.nodes
-    import jinja2.utils
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    class GenerationBlock(jinja2.ext.Extension):
-        """Parses {% generation %}...{% endgeneration %} and renders the body (transformers' AssistantTracker)."""
-
-        tags: ClassVar[set[str]] = {"generation"}
-
-        def parse(self, parser):
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(["name:endgeneration"], drop_needle=True)
-            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
-
-        def _body(self, caller):
-            return caller()
-
-    def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        # Jinja's own tojson escapes HTML characters; chat templates want plain JSON.
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    def strftime_now(format):
-        return datetime.now().strftime(format)
-
-    class TemplateDict:
-        def __call__(self, *args, **kwargs):
-            return dict(*args, **kwargs)
-
-        def fromkeys(self, *args, **kwargs):
-            return dict.fromkeys(*args, **kwargs)
-
-    class TemplateNamespace(jinja2.utils.Namespace):
-        """A namespace that refuses underscore-prefixed attributes (no reaching CPython internals)."""
-
-        def __init__(*args, **kwargs):
-            self, args = args[0], args[1:]
-            attrs = dict(*args, **kwargs)
-            for name in attrs:
-                TemplateNamespace._check_name(name)
-            jinja2.utils.Namespace.__init__(self, attrs)
-
-        def __setitem__(self, name, value):
-            TemplateNamespace._check_name(name)
-            jinja2.utils.Namespace.__setitem__(self, name, value)
-
-        @staticmethod
-        def _check_name(name):
-            if isinstance(name, str) and name.startswith("_"):
-                raise jinja2.exceptions.SecurityError(
-                    f"Chat templates cannot store underscore-prefixed attributes on a namespace, but got {name!r}.")
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[GenerationBlock, jinja2.ext.loopcontrols])
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = strftime_now
-    env.globals["dict"] = TemplateDict()
-    env.globals["namespace"] = TemplateNamespace
-    return env.from_string(template)

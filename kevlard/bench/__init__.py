@@ -1,6 +1,9 @@
-"""`kevlard bench`: an open-loop load generator and its report."""
-from kevlard.bench.loadgen import BenchError, BenchResult, poisson_schedule, run_load
-from kevlard.bench.report import RequestRecord, format_markdown, percentile, summarize
+"""`kevlard bench`: an open-loop load generator, its fault schedule, and its report."""
+from kevlard.bench.loadgen import (BenchError, BenchResult, FaultSpec, parse_fault_spec, poisson_schedule,
+                                   run_load)
+from kevlard.bench.report import (FaultRecord, RequestRecord, fault_metrics, format_fault_markdown,
+                                  format_markdown, percentile, summarize)
 
-__all__ = ["BenchError", "BenchResult", "RequestRecord", "format_markdown", "percentile",
+__all__ = ["BenchError", "BenchResult", "FaultRecord", "FaultSpec", "RequestRecord", "fault_metrics",
+           "format_fault_markdown", "format_markdown", "parse_fault_spec", "percentile",
            "poisson_schedule", "run_load", "summarize"]

@@ -112,14 +112,18 @@ def test_prompt_set_is_varied():
 
 # --- run_load against a real HTTP server ----------------------------------------------------
 
-def stream_server_app(*, send_usage: bool = True, fail_prompt: str | None = None) -> Starlette:
-    """An OpenAI-shaped streaming server: max_tokens one-word deltas, 2 ms apart."""
+def stream_server_app(*, send_usage: bool = True, fail_prompt: str | None = None,
+                      log: list[tuple[str, float]] | None = None, extra_routes: list[Route] = ()) -> Starlette:
+    """An OpenAI-shaped streaming server: max_tokens one-word deltas, 2 ms apart. Each chat
+    request is appended to `log` as ("chat", perf_counter()) when it arrives."""
 
     async def models(request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [{"id": MODEL_ID, "object": "model"}]})
 
     async def chat(request: Request) -> Response:
         body = await request.json()
+        if log is not None:
+            log.append(("chat", time.perf_counter()))
         if body.get("model") != MODEL_ID:
             return JSONResponse({"error": {"message": "no such model"}}, status_code=404)
         if body["messages"][0]["content"] == fail_prompt:
@@ -142,7 +146,8 @@ def stream_server_app(*, send_usage: bool = True, fail_prompt: str | None = None
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    return Starlette(routes=[Route("/v1/models", models), Route("/v1/chat/completions", chat, methods=["POST"])])
+    return Starlette(routes=[Route("/v1/models", models), Route("/v1/chat/completions", chat, methods=["POST"]),
+                             *extra_routes])
 
 
 @contextmanager

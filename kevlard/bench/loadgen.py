@@ -350,7 +350,7 @@ async def _collect_faults(specs: Sequence[FaultSpec], tasks: Sequence[asyncio.Ta
             task.cancel()
             records.append(FaultRecord(kind=spec.kind, at_s=spec.at_s, worker=spec.worker,
                                        duration_s=spec.duration_s,
-                                       error="not injected: every request finished before its time"))
+                                       error="every request finished before its time came"))
         else:
             records.append(await task)
     return records

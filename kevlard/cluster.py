@@ -58,6 +58,7 @@ class Cluster:
         self.replication = replication and P > 1
         self._next_worker_id = topology.num_workers
         self.stopping = False
+        self.act_pairs: set[tuple[int, int]] = set()  # activation links open, (upstream, downstream)
         self._cmd_ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future] = {}
         self._store = None
@@ -105,10 +106,26 @@ class Cluster:
                 w.state = "healthy"
                 hosts.append(self.command(wid, cmd))
         await asyncio.gather(*hosts)
-        links = [self.open_link(a, b) for route in self.routes for a, b in zip(route, route[1:])]
+        pairs = [(a, b) for route in self.routes for a, b in zip(route, route[1:])]
+        # standby links: the buddy of (p, s) is already linked to p's stage s-1 and s+1 workers,
+        # so a reroute switches routes without opening anything
+        for (p, s), buddy in self.replica_holder.items():
+            if buddy is None:
+                continue
+            if s > 0:
+                pairs.append((self.routes[p][s - 1], buddy))
+            if s + 1 < len(self.routes[p]):
+                pairs.append((buddy, self.routes[p][s + 1]))
+        pairs = list(dict.fromkeys(pairs))
+        links = [self.open_link(a, b) for a, b in pairs]
         links += [self.open_link(self.routes[p][s], holder, "repl")
                   for (p, s), holder in self.replica_holder.items() if holder is not None]
         await asyncio.gather(*links)
+
+    async def ensure_link(self, a: int, b: int) -> None:
+        """An activation link from a to b, opened unless it already is."""
+        if (a, b) not in self.act_pairs:
+            await self.open_link(a, b)
 
     def _spawn(self, wid: int, device: str) -> None:
         handle = self.launcher.spawn(wid, device, self.threads_per_worker)
@@ -153,6 +170,8 @@ class Cluster:
         port = self._store.port
         # a replica receiver waits on its link between shipments, for as long as the source lives
         timeout = self.link_timeout_s if purpose != "repl" else 7 * 24 * 3600.0
+        if purpose == "act":
+            self.act_pairs.add((a, b))
         await asyncio.gather(
             self.command(a, m.OpenLink(self.next_cmd_id(), b, name, 0, self.store_host, port, timeout, purpose)),
             self.command(b, m.OpenLink(self.next_cmd_id(), a, name, 1, self.store_host, port, timeout, purpose)))
@@ -220,6 +239,7 @@ class Cluster:
             return
         w.state = "dead"
         w.failure = w.failure or "kill"
+        self.act_pairs = {pair for pair in self.act_pairs if wid not in pair}
         w.handle.process.join(0.05)  # an EOF means it is exiting: let it, so its exit code is its own
         w.handle.kill()
         for cmd_id, (owner, fut) in list(self._pending.items()):

@@ -6,6 +6,7 @@ Errors name the offending field (`ConfigError("cluster.pipelines: must be >= 1, 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -149,6 +150,33 @@ class Config:
                self.recovery)
         _check(self.log_format in ("text", "json"), "log_format", "must be text or json", self.log_format)
         return self
+
+
+def is_loopback_host(host: str) -> bool:
+    """127.0.0.0/8, ::1 and localhost; any other name or address may be reachable from outside."""
+    host = host.strip().strip("[]")
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback
+
+
+def check_exposure(server: ServerConfig) -> None:
+    """Refuse to serve beyond this machine without both tokens: anyone who reaches the port could
+    use the model (no server.api_key) or break workers (the admin token would only be in a file)."""
+    if is_loopback_host(server.host):
+        return
+    missing = [name for name, value in (("server.api_key", server.api_key),
+                                        ("server.admin_token", server.admin_token)) if not value]
+    if missing:
+        raise ConfigError(
+            f"server.host: {server.host!r} is not a loopback address, so the API and the admin endpoints "
+            f"would be reachable from other machines; set both server.api_key and server.admin_token "
+            f"before binding it (missing: {', '.join(missing)}), or bind 127.0.0.1")
 
 
 def _check(ok: bool, name: str, rule: str, value: Any) -> None:

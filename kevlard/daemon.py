@@ -16,7 +16,7 @@ import signal
 import sys
 import time
 
-from kevlard.config import Config, ConfigError
+from kevlard.config import Config, ConfigError, check_exposure
 
 log = logging.getLogger("kevlard")
 
@@ -78,6 +78,7 @@ def _on_signals(handler) -> None:
 
 async def _serve(config: Config) -> int:
     t0 = time.monotonic()
+    check_exposure(config.server)  # before anything starts: a ConfigError exits 2
     _on_signals(asyncio.current_task().cancel)  # during start-up: stop, clean up, exit
     from kevlard.cluster import Cluster
     from kevlard.gpu.weight_store import cleanup_stale_segments
@@ -156,11 +157,16 @@ async def _load_and_serve(config: Config, topo, cluster, t0: float) -> int:
 async def _run_http(config: Config, engine, t0: float, after_ready) -> int:
     import uvicorn
 
+    from kevlard import metrics, systemd
     from kevlard.admin_token import resolve_admin_token
     from kevlard.web.app import close_streams, create_app
+    from kevlard.web.ops_api import metrics_route
 
     admin_token, token_file = resolve_admin_token(config.server.admin_token)
-    app = create_app(engine, config, admin_token=admin_token)
+    counting = metrics.attach(engine)
+    app = create_app(engine, config, admin_token=admin_token, extra_routes=[metrics_route(engine.metrics)])
+    notifier = systemd.Notifier()
+    exit_code = 0
     server = uvicorn.Server(uvicorn.Config(app, host=config.server.host, port=config.server.port,
                                            log_level="warning", access_log=False, lifespan="off",
                                            timeout_graceful_shutdown=max(1, int(config.server.drain_timeout_s))))
@@ -172,7 +178,13 @@ async def _run_http(config: Config, engine, t0: float, after_ready) -> int:
             server.force_exit = True  # a second signal: do not wait for the drain
         server.should_exit = True
         close_streams(app)  # open /api/events streams must not hold the shutdown
+        notifier.notify("STOPPING=1", "STATUS=stopping: draining in-flight requests")
         log.info("shutting down: no new connections, draining in-flight requests")
+
+    def unrecoverable() -> None:
+        nonlocal exit_code
+        exit_code = 3  # non-zero: systemd's Restart=on-failure starts a fresh daemon
+        stop()
 
     _on_signals(stop)
     while not server.started and not task.done():
@@ -186,8 +198,40 @@ async def _run_http(config: Config, engine, t0: float, after_ready) -> int:
     if token_file is not None:
         print(f"kevlard: admin token written to {token_file} (owner-only); dashboard: "
               f"http://{host}:{port}/?token={admin_token}", flush=True)
-    background = asyncio.create_task(after_ready())
+
+    def status() -> str:
+        return systemd.status_line(engine.snapshot())
+
+    notifier.notify("READY=1", f"STATUS={status()}")
+    watches = [asyncio.create_task(after_ready()), counting, asyncio.create_task(notifier.watchdog(status)),
+               asyncio.create_task(_watch_capacity(engine, config.scheduler.no_route_wait_s, unrecoverable))]
     await task
-    background.cancel()
+    for watch in watches:
+        watch.cancel()
     await engine.drain(0.0)
-    return 0
+    notifier.close()
+    return exit_code
+
+
+async def _watch_capacity(engine, grace_s: float, on_lost, poll_s: float = 0.5) -> None:
+    """Call `on_lost` once no complete route has existed for `grace_s` and nothing can bring one
+    back: no recovery under way and no worker starting, spare or rehosting. Conservative: any
+    sign of coming capacity keeps the daemon up, however long it takes."""
+    from kevlard.systemd import status_line
+
+    cluster = engine.cluster
+    no_route_since = None
+    while True:
+        await asyncio.sleep(poll_s)
+        if any(cluster.route_alive(p) for p in range(len(cluster.routes))):
+            no_route_since = None
+            continue
+        now = time.monotonic()
+        no_route_since = no_route_since or now
+        coming = (any(w.state in ("starting", "spare", "rehosting") for w in cluster.workers.values())
+                  or (engine.recovery is not None and engine.recovery.busy))
+        if now - no_route_since >= grace_s and not coming:
+            log.error("cannot serve: no complete pipeline route for %.0f s and no worker left to restore "
+                      "one (%s); exiting with code 3", now - no_route_since, status_line(engine.snapshot()))
+            on_lost()
+            return

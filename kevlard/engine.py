@@ -49,6 +49,7 @@ class KevlarEngine:
         self._dispatched: dict[int, tuple[StepPlan, float, int]] = {}  # step_id -> (plan, sent_at, last worker)
         self.events = EventLog()
         self.recovery = None  # kevlard.recovery.Recovery, attached by the daemon
+        self.metrics = None  # kevlard.metrics.Metrics, attached by the daemon
         self._background: list[asyncio.Task] = []
         self._last_step_done = time.monotonic()
         self._shutting_down = False
@@ -79,6 +80,7 @@ class KevlarEngine:
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[rid] = queue
         self.scheduler.add(req)
+        tracked = self.metrics.track(req.arrival, len(req.prompt_token_ids)) if self.metrics else None
         log.debug("request %s admitted as %d (%d prompt tokens)", request_id, rid, len(prompt_token_ids))
         self._pump_all()
         finished = False
@@ -92,10 +94,14 @@ class KevlarEngine:
                 if isinstance(delta, BaseException):
                     raise delta
                 finished = delta.finish_reason is not None
+                if tracked is not None:
+                    tracked.tokens(len(delta.token_ids), delta.finish_reason)
                 yield delta
                 if finished:
                     return
         finally:
+            if tracked is not None:
+                tracked.close()
             self._streams.pop(rid, None)
             if not finished:
                 self.scheduler.abort(rid)

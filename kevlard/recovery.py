@@ -33,6 +33,7 @@ class Recovery:
         self._pending_restore: list[tuple[int, int, float]] = []  # (pipeline, stage, failed_at)
         self._last_lag, self._lag_reported_at = 0, 0.0
         self._restarting: set[int] = set()  # pipelines being torn down and restarted
+        self._restoring: set[tuple[int, int]] = set()  # (pipeline, stage) a spare is being brought in for
 
     # ---------------------------------------------------------------- detection
 
@@ -123,9 +124,9 @@ class Recovery:
         try:
             links = []
             if s > 0:
-                links.append(cluster.open_link(route[s - 1], buddy))
+                links.append(cluster.ensure_link(route[s - 1], buddy))
             if s + 1 < len(route):
-                links.append(cluster.open_link(buddy, route[s + 1]))
+                links.append(cluster.ensure_link(buddy, route[s + 1]))
             await asyncio.gather(*links)
         except Exception as e:
             self.events.emit("reroute_failed", buddy, level=logging.ERROR, pipeline=p, stage=s, error=str(e))
@@ -151,6 +152,15 @@ class Recovery:
     async def restore(self, p: int, s: int, failed_at: float) -> None:
         """A spare hosts the stage from the host weight store, takes the KV back, and the route
         switches back. Waits for a spare if none is ready yet."""
+        if (p, s) in self._restoring:
+            return  # the restore already under way switches the route; it copes with this failure too
+        self._restoring.add((p, s))
+        try:
+            await self._restore(p, s, failed_at)
+        finally:
+            self._restoring.discard((p, s))
+
+    async def _restore(self, p: int, s: int, failed_at: float) -> None:
         cluster, sched = self.cluster, self.scheduler
         spare = cluster.take_spare()
         deadline = time.monotonic() + self.config.cluster.worker_start_timeout_s
@@ -168,24 +178,35 @@ class Recovery:
             route = cluster.routes[p]
             links = []
             if s > 0 and cluster.workers[route[s - 1]].state == "healthy":
-                links.append(cluster.open_link(route[s - 1], spare))
+                links.append(cluster.ensure_link(route[s - 1], spare))
             if s + 1 < len(route) and cluster.workers[route[s + 1]].state == "healthy":
-                links.append(cluster.open_link(spare, route[s + 1]))
+                links.append(cluster.ensure_link(spare, route[s + 1]))
             await asyncio.gather(*links)
             # hand the KV back: pause the pipeline, let its in-flight steps land, copy, switch
             current = route[s]
             sched.pause(p)
             while sched.in_flight_on(p):
                 await asyncio.sleep(0.002)
+            handed_back = False
             if cluster.pool(p, s) == "replica" and cluster.workers[current].state == "healthy":
                 blocks = tuple(sched.block_ids_of(p))
-                if blocks:
-                    await cluster.open_link(current, spare, "xfer")
-                    await asyncio.gather(
-                        cluster.command(current, m.MoveKV(cluster.next_cmd_id(), spare, "send", "replica", blocks)),
-                        cluster.command(spare, m.MoveKV(cluster.next_cmd_id(), current, "recv", "primary", blocks)))
-            else:
-                sched.resume_after_failover(p, s)  # nothing to take back: recompute what is there
+                try:
+                    if blocks:
+                        await cluster.open_link(current, spare, "xfer")
+                        await asyncio.gather(
+                            cluster.command(current, m.MoveKV(cluster.next_cmd_id(), spare, "send", "replica", blocks)),
+                            cluster.command(spare, m.MoveKV(cluster.next_cmd_id(), current, "recv", "primary", blocks)))
+                    handed_back = True
+                except Exception as e:  # the buddy died while handing back: the spare recomputes
+                    self.events.emit("handback_failed", current, level=logging.WARNING, pipeline=p, stage=s,
+                                     error=str(e))
+            if not handed_back:
+                sched.forget_replicas(p, s)
+                for req_id, how, recomputed in sched.resume_after_failover(p, s):
+                    self.counters["requests_replayed"] += 1
+                    self.counters["tokens_recomputed"] += recomputed
+                    self.events.emit("request_resumed", None, request=req_id, how=how, recomputed_tokens=recomputed)
+            await self._rewire_replicas(p, s, spare, current)
             route[s] = spare
             cluster.pools.pop((p, s), None)
             cluster.workers[spare].state = "healthy"
@@ -194,7 +215,6 @@ class Recovery:
             cluster.workers[spare].pipelines = {p}
             if current in cluster.workers:
                 cluster.workers[current].pipelines.discard(p)
-            await self._rewire_replicas(p, s, spare, current)
             sched.activate(p)
             self.counters["rehosts"] += 1
             self.events.emit("restore", spare, pipeline=p, stage=s, route=list(route),
@@ -279,6 +299,11 @@ class Recovery:
         self.recovery_seconds.append(took)
         self.events.emit("restore", None, pipeline=p, route=new, since_failure_s=round(took, 4), how="restart")
         self.engine.pump_all()
+
+    @property
+    def busy(self) -> bool:
+        """A reroute, restore, restart or replacement spare is under way: capacity may come back."""
+        return bool(self._tasks)
 
     def snapshot(self) -> dict:
         return dict(self.counters, recovery_seconds=[round(x, 4) for x in self.recovery_seconds[-20:]])

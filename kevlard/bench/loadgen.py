@@ -252,7 +252,7 @@ async def run_load(url: str, rate: float, requests: int, output_tokens: int, see
                                   headers={"Authorization": f"Bearer {admin_token}"} if admin_token else {})
         start = time.perf_counter()
         tasks: list[asyncio.Task[RequestRecord]] = []
-        fault_tasks = [asyncio.create_task(_inject(admin, base, spec, fault_stage, start))
+        fault_tasks = [asyncio.create_task(_inject(admin, base, spec, fault_stage, start, model))
                        for spec in faults]
         try:
             for index, at in enumerate(schedule):
@@ -308,7 +308,7 @@ async def pick_worker(admin: httpx.AsyncClient, base: str, stage: int | None) ->
 
 
 async def _inject(admin: httpx.AsyncClient, base: str, spec: FaultSpec, stage: int | None,
-                  start: float) -> FaultRecord:
+                  start: float, model: str | None = None) -> FaultRecord:
     """Wait for spec.at_s, pick the worker if the spec names none, post the fault."""
     def now() -> float:
         return time.perf_counter() - start
@@ -317,7 +317,7 @@ async def _inject(admin: httpx.AsyncClient, base: str, spec: FaultSpec, stage: i
     if delay > 0:
         await asyncio.sleep(delay)
     worker, picked_stage = spec.worker, None
-    injected_s = acked_s = status_code = None
+    injected_s = acked_s = status_code = probe_first_token_s = None
     error: str | None = None
     try:
         if worker is None:
@@ -331,13 +331,39 @@ async def _inject(admin: httpx.AsyncClient, base: str, spec: FaultSpec, stage: i
         status_code = response.status_code
         if response.is_error:
             error = f"POST /api/faults answered {status_code}: {response.text[:MAX_ERROR_CHARS]}"
+        else:
+            probe_s = await _probe_first_token(admin, base, model)
+            probe_first_token_s = None if probe_s is None else probe_s - start - injected_s
     except BenchError as e:
         error = str(e)
     except Exception as e:  # a fault that cannot be posted is reported, the load goes on
         error = f"{type(e).__name__}: {e}"[:MAX_ERROR_CHARS]
     return FaultRecord(kind=spec.kind, at_s=spec.at_s, worker=worker, stage=picked_stage,
                        duration_s=spec.duration_s, injected_s=injected_s, acked_s=acked_s,
-                       ok=error is None, status_code=status_code, error=error)
+                       ok=error is None, status_code=status_code, error=error,
+                       probe_first_token_s=probe_first_token_s)
+
+
+async def _probe_first_token(client: httpx.AsyncClient, base: str, model: str | None) -> float | None:
+    """Send one small streamed request now; the perf_counter time of its first token, or None."""
+    body: dict[str, Any] = {"messages": [{"role": "user", "content": "Say OK."}], "max_tokens": 2,
+                            "stream": True}
+    if model:
+        body["model"] = model
+    try:
+        async with asyncio.timeout(120):
+            async with client.stream("POST", f"{base}/v1/chat/completions", json=body) as response:
+                if response.is_error:
+                    return None
+                async for line in response.aiter_lines():
+                    if not line.startswith("data:") or line.strip() == "data: [DONE]":
+                        continue
+                    choices = json.loads(line[len("data:"):]).get("choices") or [{}]
+                    if (choices[0].get("delta") or {}).get("content"):
+                        return time.perf_counter()
+    except Exception:
+        return None
+    return None
 
 
 async def _collect_faults(specs: Sequence[FaultSpec], tasks: Sequence[asyncio.Task[FaultRecord]],

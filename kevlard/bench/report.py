@@ -68,6 +68,8 @@ class FaultRecord:
     ok: bool = False  # the server accepted it
     status_code: int | None = None
     error: str | None = None
+    # a request sent the moment the fault was accepted: fault injected -> its first token
+    probe_first_token_s: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -281,7 +283,8 @@ def _fmt(value: Any, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
-_FAULT_HEADER = ("run", "fault", "worker", "injected s", "first token after s", "recovery to 90% s",
+_FAULT_HEADER = ("run", "fault", "worker", "injected s", "probe first token s", "first token after s",
+                 "recovery to 90% s",
                  "pre-fault tok/s", "window reqs", "lost", "latency mean s window/all",
                  "latency p99 s window/all", "TTFT mean s window/all", "TTFT p99 s window/all")
 
@@ -302,6 +305,7 @@ def format_fault_markdown(rows: Sequence[tuple[str, dict[str, Any], Sequence[dic
             pair = [f"{_fmt(window.get(key), '.3f')} / {_fmt(summary.get(key), '.3f')}"
                     for key in ("latency_mean_s", "latency_p99_s", "ttft_mean_s", "ttft_p99_s")]
             cells = [label or "-", name, _fmt(fault.get("worker"), ""), _fmt(fault.get("injected_s"), ".2f"),
+                     _fmt(fault.get("probe_first_token_s"), ".3f"),
                      _fmt(fault.get("first_token_after_fault_s"), ".3f"),
                      _fmt(fault.get("recovery_to_90pct_s"), ".2f"),
                      _fmt(fault.get("pre_fault_tokens_per_s"), ".1f"),

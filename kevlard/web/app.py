@@ -1,5 +1,5 @@
-"""The daemon's web app: OpenAI API, operations and admin API, one error shape, optional API key
-on /v1, admin token on the admin routes."""
+"""The daemon's web app: OpenAI API, operations and admin API, the dashboard, one error shape,
+optional API key on /v1, admin token on the admin routes."""
 from __future__ import annotations
 
 import hmac
@@ -14,21 +14,26 @@ from kevlard.api_types import Engine
 from kevlard.config import Config
 from kevlard.web import errors
 from kevlard.web.admin_api import AdminAPI
+from kevlard.web.dashboard import Dashboard
 from kevlard.web.openai_api import OpenAIAPI
 from kevlard.web.ops_api import OpsAPI
+from kevlard.web.request_timing import RequestTimingMiddleware, RequestTimings
 
 API_PREFIX = "/v1"
 
 
 def create_app(engine: Engine, config: Config, *, extra_routes: Sequence[BaseRoute] = (),
                lifespan: Lifespan | None = None, admin_token: str = "") -> Starlette:
-    """The Starlette app serving `engine`. `extra_routes` (dashboard, metrics) share the error
-    handlers; the API key guards only /v1/*; `admin_token` guards the admin routes (empty: they
-    answer 403). Call `close_streams(app)` when shutdown begins."""
+    """The Starlette app serving `engine`, dashboard at `/` included. `extra_routes` (metrics)
+    share the error handlers; the API key guards only /v1/*; `admin_token` guards the admin
+    routes (empty: they answer 403) and is what the dashboard's `/?token=` accepts. Call
+    `close_streams(app)` when shutdown begins."""
     ops = OpsAPI(engine)
+    timings = RequestTimings()
     routes = [*OpenAIAPI(engine, config).routes(), *ops.routes(),
-              *AdminAPI(engine, admin_token).routes(), *extra_routes]
-    middleware = []
+              *AdminAPI(engine, admin_token).routes(), *extra_routes,
+              *Dashboard(engine, config, admin_token, timings).routes()]
+    middleware = [Middleware(RequestTimingMiddleware, timings=timings)]
     if config.server.api_key:
         middleware.append(Middleware(APIKeyMiddleware, api_key=config.server.api_key))
     app = Starlette(routes=routes, middleware=middleware,

@@ -1,4 +1,5 @@
-"""Operations routes: liveness, readiness, a JSON snapshot of the cluster and the event stream.
+"""Operations routes: liveness, readiness, a JSON snapshot of the cluster, the event stream, and
+`metrics_route` for Prometheus (added by the daemon, which owns the metrics).
 
 `/health` only says the web process answers; `/ready` asks the engine whether a full route
 exists and steps progress, so a load balancer stops sending work to a daemon that cannot serve.
@@ -111,6 +112,17 @@ class OpsAPI:
             with self._lock:
                 self._streams.pop(queue, None)
             events.unsubscribe(queue)
+
+
+def metrics_route(metrics) -> Route:
+    """`GET /metrics`: Prometheus text exposition of a `kevlard.metrics.Metrics`. Open like
+    vLLM's: it says how busy the server is, nothing about requests' content."""
+    from kevlard.metrics import CONTENT_TYPE
+
+    async def scrape(request: Request) -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    return Route("/metrics", scrape, methods=["GET"])
 
 
 def _sse(event: Event) -> ServerSentEvent:

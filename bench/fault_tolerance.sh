@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Issue 3's benchmark, one run on this machine: SmolLM2 fp32, default topology (2 x 2 + 1 spare),
+# Poisson load, one fault in the middle of it, for recovery = kevlar and recovery = restart;
+# then replication on vs off without faults. Results land in docs/bench/.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+OUT=docs/bench
+mkdir -p "$OUT"
+K=.venv/bin/kevlard
+RATE=${RATE:-3}
+REQS=${REQS:-60}
+wait_ready() { for _ in $(seq 1 600); do curl -sf "$1" >/dev/null 2>&1 && return 0; sleep 0.2; done; return 1; }
+
+run() {  # label, extra config lines, bench args...
+    local label=$1 conf=$2; shift 2
+    printf '[server]\nadmin_token = "bench"\n%b\n' "$conf" > "$OUT/$label.toml"
+    $K serve --port 8032 --config "$OUT/$label.toml" > "$OUT/$label.log" 2>&1 &
+    local pid=$!
+    wait_ready http://127.0.0.1:8032/ready
+    $K bench --url http://127.0.0.1:8032 --admin-token bench --warmup 4 --seed 1 --label "$label" \
+        --json "$OUT/$label.json" "$@" 2>/dev/null
+    kill -TERM $pid; wait $pid || true
+}
+
+run kevlar-kill 'recovery = "kevlar"' --rate "$RATE" --requests "$REQS" --output-tokens 32 --fault kill@8s
+run restart-kill 'recovery = "restart"' --rate "$RATE" --requests "$REQS" --output-tokens 32 --fault kill@8s
+run kevlar-hang 'recovery = "kevlar"' --rate "$RATE" --requests "$REQS" --output-tokens 32 --fault hang@8s
+run replication-on '[kv]\nreplication = true' --rate 8 --requests 40 --output-tokens 32
+run replication-off '[kv]\nreplication = false' --rate 8 --requests 40 --output-tokens 32

@@ -77,17 +77,22 @@ class ModelSource:
 
     def tensor_files(self) -> dict[str, Path]:
         """Tensor name -> the safetensors file holding it (sharded checkpoints included)."""
-        index = self.weights_dir / "model.safetensors.index.json"
-        if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            return {name: self.weights_dir / file for name, file in weight_map.items()}
-        from safetensors import safe_open
+        return tensor_files(self.weights_dir)
 
-        files: dict[str, Path] = {}
-        for file in sorted(self.weights_dir.glob("*.safetensors")):
-            with safe_open(str(file), framework="pt") as handle:
-                files.update({name: file for name in handle.keys()})
-        return files
+
+def tensor_files(weights_dir: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file in `weights_dir` holding it (sharded checkpoints included)."""
+    index = weights_dir / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: weights_dir / file for name, file in weight_map.items()}
+    from safetensors import safe_open
+
+    files: dict[str, Path] = {}
+    for file in sorted(weights_dir.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            files.update({name: file for name in handle.keys()})
+    return files
 
 
 def default_model_path() -> Path:

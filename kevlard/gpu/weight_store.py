@@ -244,19 +244,11 @@ def load_stage_from_disk(weights_dir: str, first_layer: int, last_layer: int, is
                          dtype: str, device: str = "cpu") -> dict[str, torch.Tensor]:
     """A stage's tensors read from the safetensors files themselves: what a restart does in the
     `recovery = "restart"` baseline, where nothing survives in host memory."""
-    import json
-
     from safetensors import safe_open
 
-    root = Path(weights_dir)
-    index = root / "model.safetensors.index.json"
-    if index.exists():
-        files = {name: root / f for name, f in json.loads(index.read_text())["weight_map"].items()}
-    else:
-        files = {}
-        for f in sorted(root.glob("*.safetensors")):
-            with safe_open(str(f), framework="pt") as handle:
-                files.update({name: f for name in handle.keys()})
+    from kevlard.model_source import tensor_files
+
+    files = tensor_files(Path(weights_dir))
     prefixes = tuple(f"model.layers.{i}." for i in range(first_layer, last_layer))
     names = [n for n in files if n.startswith(prefixes)]
     if is_first:

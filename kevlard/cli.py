@@ -58,6 +58,9 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="do not send ignore_eos/min_tokens (for servers that reject them)")
     bench.add_argument("--json", metavar="OUT.json", help="write the summary and per-request records here")
     bench.add_argument("--label", default="", metavar="TEXT", help="name of this run in the table and the JSON")
+    bench.add_argument("--reference", metavar="RUN.json",
+                       help="a failure-free run of the same workload (--json of it): report the share "
+                            "of answers identical to it")
     bench.add_argument("--timeout-s", type=float, default=300.0, metavar="X",
                        help="give up on a request after X s (default 300)")
     bench.add_argument("--fault", action="append", default=[], metavar="KIND@TIME[:worker=ID]",
@@ -150,9 +153,21 @@ def _bench(args: argparse.Namespace) -> int:
     if fault_rows:
         print()
         print(format_fault_markdown([(label, summary, fault_rows)]))
+    output = result.to_json()
+    if args.reference:
+        from kevlard.bench.report import RequestRecord, identical_share
+
+        with open(args.reference, encoding="utf-8") as f:
+            fields = RequestRecord.__dataclass_fields__
+            reference = [RequestRecord(**{k: v for k, v in r.items() if k in fields})
+                         for r in json.load(f)["records"]]
+        share = identical_share(result.records, reference)
+        output["identical_to_reference"] = share
+        print(f"\nanswers identical to {args.reference}: "
+              f"{'-' if share is None else format(share * 100, '.1f') + ' %'}")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as out:
-            json.dump(result.to_json(), out, indent=2)
+            json.dump(output, out, indent=2)
             out.write("\n")
     errors = sorted({record.error for record in result.records if record.error})
     for error in errors[:5]:

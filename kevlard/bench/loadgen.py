@@ -436,6 +436,7 @@ class _Stream:
         self.saw_done = False
         self.error: str | None = None
         self.token_times: list[tuple[float, int]] = []
+        self.pieces: list[str] = []
 
     def feed(self, data: str, now_s: float) -> None:
         if data == "[DONE]":
@@ -452,6 +453,7 @@ class _Stream:
             self.completion_tokens = usage["completion_tokens"]
         for choice in chunk.get("choices") or ():
             if (choice.get("delta") or {}).get("content"):
+                self.pieces.append(choice["delta"]["content"])
                 self.content_chunks += 1
                 self.token_times.append((round(now_s, 6), 1))
                 if self.first_token_s is None:
@@ -499,7 +501,7 @@ async def _send(client: httpx.AsyncClient, base: str, request: _Request, start: 
         sent_s=sent_s, finished_s=now(), first_token_s=stream.first_token_s,
         output_tokens=stream.output_tokens, content_chunks=stream.content_chunks,
         ok=error is None, status_code=status_code, error=error, finish_reason=stream.finish_reason,
-        token_times=tuple(stream.token_times))
+        token_times=tuple(stream.token_times), text="".join(stream.pieces))
     counts.on_done(record.ok)
     return record
 

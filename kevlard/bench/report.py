@@ -39,6 +39,7 @@ class RequestRecord:
     finish_reason: str | None = None
     # (arrival time, chunks) of every non-empty content delta, in order; one chunk each
     token_times: tuple[tuple[float, int], ...] = ()
+    text: str = ""  # the streamed answer, to compare greedy answers between runs
 
     @property
     def latency_s(self) -> float:
@@ -313,3 +314,13 @@ def format_fault_markdown(rows: Sequence[tuple[str, dict[str, Any], Sequence[dic
                      *pair]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) if count else ""
+
+
+def identical_share(records: Sequence[RequestRecord], reference: Sequence[RequestRecord]) -> float | None:
+    """Share of the requests answered exactly as in `reference` (the same workload without
+    faults), matched by request index; failed requests count as not identical."""
+    ref = {r.index: r.text for r in reference if r.ok}
+    pairs = [(r, ref[r.index]) for r in records if r.index in ref]
+    if not pairs:
+        return None
+    return sum(1 for r, text in pairs if r.ok and r.text == text) / len(pairs)

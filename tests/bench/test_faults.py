@@ -210,16 +210,17 @@ async def test_faults_are_posted_during_the_run_with_the_token():
                                     faults=faults, admin_token=TOKEN, warmup=3)
     assert [r.index for r in result.records] == list(range(60)) and all(r.ok for r in result.records)
     assert all(len(r.token_times) == 5 for r in result.records)
-    assert len(chats) == 63  # warmup requests too
+    assert len(chats) == 65  # warmup requests too, and one probe request after each fault
     kinds = [entry[0] for entry in log]
     assert kinds == ["cluster", "fault", "fault"]  # the worker of the first was looked up first
     assert log[1][2] == {"worker": 5, "kind": "kill"}  # pipeline 0's middle stage
     assert log[2][2] == {"worker": 7, "kind": "hang", "duration_s": 1.0}
     # posted while the load went on, in order: some requests arrived before each, some after
     for _, posted, _ in log[1:]:
-        assert 3 < sum(t < posted for _, t in chats) < 63
+        assert 3 < sum(t < posted for _, t in chats) < 65
     kill, hang = result.faults
     assert kill.ok and kill.worker == 5 and kill.stage == 1 and kill.status_code == 202
+    assert kill.probe_first_token_s is not None and kill.probe_first_token_s > 0
     assert hang.ok and hang.worker == 7 and hang.stage is None
     assert 0.25 <= kill.injected_s <= kill.acked_s <= hang.injected_s and hang.injected_s >= 0.5
     sent = sorted(r.sent_s for r in result.records)

@@ -22,8 +22,11 @@ run() {  # label, extra config lines, bench args...
     kill -TERM $pid; wait $pid || true
 }
 
-run kevlar-kill 'recovery = "kevlar"' --rate "$RATE" --requests "$REQS" --output-tokens 32 --fault kill@8s
-run restart-kill 'recovery = "restart"' --rate "$RATE" --requests "$REQS" --output-tokens 32 --fault kill@8s
-run kevlar-hang 'recovery = "kevlar"' --rate "$RATE" --requests "$REQS" --output-tokens 32 --fault hang@8s
+LOAD=(--rate "$RATE" --requests "$REQS" --output-tokens 32)
+run failure-free 'recovery = "kevlar"' "${LOAD[@]}"
+REF=(--reference "$OUT/failure-free.json")
+run kevlar-kill 'recovery = "kevlar"' "${LOAD[@]}" --fault kill@8s "${REF[@]}"
+run restart-kill 'recovery = "restart"' "${LOAD[@]}" --fault kill@8s "${REF[@]}"
+run kevlar-hang 'recovery = "kevlar"' "${LOAD[@]}" --fault hang@8s "${REF[@]}"
 run replication-on '[kv]\nreplication = true' --rate 8 --requests 40 --output-tokens 32
 run replication-off '[kv]\nreplication = false' --rate 8 --requests 40 --output-tokens 32

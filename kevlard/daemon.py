@@ -4,6 +4,11 @@ Start-up order: clean stale shared memory of dead daemons, resolve the model (a 
 converted once to a safetensors cache), load the weights into the host weight store, spawn the
 workers and host the stages, open the links, then serve HTTP. SIGTERM/SIGINT: stop accepting,
 let in-flight requests finish within `server.drain_timeout_s`, stop the workers, free the store.
+
+Exit codes: 0 after SIGTERM/SIGINT, 1 when start-up fails, 2 for an invalid configuration (a
+public bind without both tokens included), 3 when no route has existed for
+`scheduler.no_route_wait_s` and nothing can restore one. Under systemd it notifies
+$NOTIFY_SOCKET (kevlard.systemd).
 """
 from __future__ import annotations
 
@@ -173,12 +178,16 @@ async def _run_http(config: Config, engine, t0: float, after_ready) -> int:
     server.capture_signals = contextlib.nullcontext  # ours below: drain and exit 0, not re-raise
     task = asyncio.create_task(server.serve())
 
+    def status() -> str:
+        return "stopping: draining in-flight requests" if server.should_exit else \
+            systemd.status_line(engine.snapshot())
+
     def stop() -> None:
         if server.should_exit:
             server.force_exit = True  # a second signal: do not wait for the drain
         server.should_exit = True
         close_streams(app)  # open /api/events streams must not hold the shutdown
-        notifier.notify("STOPPING=1", "STATUS=stopping: draining in-flight requests")
+        notifier.notify("STOPPING=1", f"STATUS={status()}")
         log.info("shutting down: no new connections, draining in-flight requests")
 
     def unrecoverable() -> None:
@@ -198,10 +207,6 @@ async def _run_http(config: Config, engine, t0: float, after_ready) -> int:
     if token_file is not None:
         print(f"kevlard: admin token written to {token_file} (owner-only); dashboard: "
               f"http://{host}:{port}/?token={admin_token}", flush=True)
-
-    def status() -> str:
-        return systemd.status_line(engine.snapshot())
-
     notifier.notify("READY=1", f"STATUS={status()}")
     watches = [asyncio.create_task(after_ready()), counting, asyncio.create_task(notifier.watchdog(status)),
                asyncio.create_task(_watch_capacity(engine, config.scheduler.no_route_wait_s, unrecoverable))]
@@ -215,8 +220,9 @@ async def _run_http(config: Config, engine, t0: float, after_ready) -> int:
 
 async def _watch_capacity(engine, grace_s: float, on_lost, poll_s: float = 0.5) -> None:
     """Call `on_lost` once no complete route has existed for `grace_s` and nothing can bring one
-    back: no recovery under way and no worker starting, spare or rehosting. Conservative: any
-    sign of coming capacity keeps the daemon up, however long it takes."""
+    back. Conservative: never while a recovery task (reroute, restore, restart, replacement
+    spare) is under way, since each of those ends within `cluster.worker_start_timeout_s`; and a
+    worker starting or standing by as a spare gets that long again to be put to use."""
     from kevlard.systemd import status_line
 
     cluster = engine.cluster
@@ -228,10 +234,13 @@ async def _watch_capacity(engine, grace_s: float, on_lost, poll_s: float = 0.5) 
             continue
         now = time.monotonic()
         no_route_since = no_route_since or now
-        coming = (any(w.state in ("starting", "spare", "rehosting") for w in cluster.workers.values())
-                  or (engine.recovery is not None and engine.recovery.busy))
-        if now - no_route_since >= grace_s and not coming:
-            log.error("cannot serve: no complete pipeline route for %.0f s and no worker left to restore "
-                      "one (%s); exiting with code 3", now - no_route_since, status_line(engine.snapshot()))
-            on_lost()
-            return
+        down_for = now - no_route_since
+        if down_for < grace_s or (engine.recovery is not None and engine.recovery.busy):
+            continue
+        if (down_for < grace_s + cluster.start_timeout_s
+                and any(w.state in ("starting", "spare", "rehosting") for w in cluster.workers.values())):
+            continue
+        log.error("cannot serve: no complete pipeline route for %.0f s and nothing left to restore one "
+                  "(%s); exiting with code 3", down_for, status_line(engine.snapshot()))
+        on_lost()
+        return

@@ -135,10 +135,7 @@ class Recovery:
             return
         resumed = sched.resume_after_failover(p, s)
         sched.forget_replicas(p, s)
-        for req_id, how, recomputed in resumed:
-            self.counters["requests_resumed_replica" if how == "replica" else "requests_replayed"] += 1
-            self.counters["tokens_recomputed"] += recomputed
-            self.events.emit("request_resumed", None, request=req_id, how=how, recomputed_tokens=recomputed)
+        self._count_resumed(resumed)
         sched.activate(p)
         self.counters["reroutes"] += 1
         took = time.monotonic() - failed_at
@@ -146,6 +143,12 @@ class Recovery:
         self.events.emit("reroute", buddy, pipeline=p, stage=s, route=list(route), seconds=round(took, 4))
         self.engine.pump_all()
         await self.restore(p, s, failed_at)
+
+    def _count_resumed(self, resumed: list[tuple[int, str, int]]) -> None:
+        for req_id, how, recomputed in resumed:
+            self.counters["requests_resumed_replica" if how == "replica" else "requests_replayed"] += 1
+            self.counters["tokens_recomputed"] += recomputed
+            self.events.emit("request_resumed", None, request=req_id, how=how, recomputed_tokens=recomputed)
 
     # ---------------------------------------------------------------- restore capacity
 
@@ -202,10 +205,7 @@ class Recovery:
                                      error=str(e))
             if not handed_back:
                 sched.forget_replicas(p, s)
-                for req_id, how, recomputed in sched.resume_after_failover(p, s):
-                    self.counters["requests_replayed"] += 1
-                    self.counters["tokens_recomputed"] += recomputed
-                    self.events.emit("request_resumed", None, request=req_id, how=how, recomputed_tokens=recomputed)
+                self._count_resumed(sched.resume_after_failover(p, s))
             await self._rewire_replicas(p, s, spare, current)
             route[s] = spare
             cluster.pools.pop((p, s), None)

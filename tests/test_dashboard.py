@@ -101,6 +101,8 @@ def test_kill_from_the_dashboard_reroutes_and_the_stream_finishes(tmp_path):
             after = route_of(page, pipeline)
             assert after != before and victim not in after
             assert after[0] == before[0]
+            note = page.locator(f'.route-row[data-pipeline="{pipeline}"] .route-note')
+            expect(note).to_contain_text(f"w{victim} lost → via buddy w{buddy}")
             page.screenshot(path=str(ARTIFACTS / "dashboard-after-kill.png"))
 
             # the stream finishes with a finish reason, and the reroute is in the event log

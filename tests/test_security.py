@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 
-import httpx
 import pytest
 
 from kevlard.config import ConfigError, ServerConfig, check_exposure, is_loopback_host

@@ -16,7 +16,12 @@ import httpx
 import pytest
 
 from kevlard import daemon as kevlard_daemon
-from kevlard.systemd import DEFAULT_WATCHDOG_INTERVAL_S, Notifier, status_line, watchdog_interval
+from kevlard.systemd import (
+    DEFAULT_WATCHDOG_INTERVAL_S,
+    Notifier,
+    status_line,
+    watchdog_interval,
+)
 from tests.daemon_proc import running_daemon
 from tests.tiny_models import make_tiny_model
 
@@ -38,7 +43,7 @@ class NotifyListener(threading.Thread):
         while not self._done.is_set():
             try:
                 data = self.sock.recv(4096)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             self.messages.append(dict(line.split("=", 1) for line in data.decode().splitlines()))
 
@@ -108,19 +113,21 @@ def test_status_line_summarises_the_cluster():
 # ---------------------------------------------------------------- giving up, and only then
 
 
-def fake_engine(worker_states: list[str], route_alive: bool = False, recovery_busy: bool = False):
+def fake_engine(worker_states: list[str], route_alive: bool = False, recovery_busy: bool = False,
+                start_timeout_s: float = 60.0):
     workers = {i: SimpleNamespace(state=s) for i, s in enumerate(worker_states)}
-    cluster = SimpleNamespace(routes=[[0, 1]], workers=workers, route_alive=lambda p: route_alive)
+    cluster = SimpleNamespace(routes=[[0, 1]], workers=workers, route_alive=lambda p: route_alive,
+                              start_timeout_s=start_timeout_s)
     snapshot = {"pipelines": [{"state": "serving" if route_alive else "down"}], "workers": [],
                 "num_running": 0, "num_waiting": 0}
     return SimpleNamespace(cluster=cluster, recovery=SimpleNamespace(busy=recovery_busy),
                            snapshot=lambda: snapshot)
 
 
-async def watch(engine, grace_s: float, for_s: float) -> bool:
-    """Whether _watch_capacity gave up within for_s."""
+async def gives_up(engine, grace_s: float, within_s: float) -> bool:
+    """Whether _watch_capacity gives up within `within_s`."""
     lost = anyio.Event()
-    with anyio.move_on_after(for_s):
+    with anyio.move_on_after(within_s):
         async with anyio.create_task_group() as tg:
             tg.start_soon(kevlard_daemon._watch_capacity, engine, grace_s, lost.set, 0.01)
             await lost.wait()
@@ -130,19 +137,26 @@ async def watch(engine, grace_s: float, for_s: float) -> bool:
 
 async def test_gives_up_when_no_route_and_nothing_can_restore_one():
     with anyio.fail_after(10):
-        assert await watch(fake_engine(["dead", "dead"]), grace_s=0.1, for_s=5)
+        assert await gives_up(fake_engine(["dead", "dead"]), grace_s=0.1, within_s=5)
 
 
 @pytest.mark.parametrize("engine", [
     fake_engine(["dead", "healthy"], route_alive=True),  # serving
+    fake_engine(["dead", "dead"], recovery_busy=True),  # a reroute, restore or restart is under way
     fake_engine(["dead", "dead", "starting"]),  # a replacement is starting
     fake_engine(["dead", "dead", "spare"]),
     fake_engine(["dead", "dead", "rehosting"]),
-    fake_engine(["dead", "dead"], recovery_busy=True),  # a reroute, restore or restart is under way
-], ids=["route", "starting", "spare", "rehosting", "recovering"])
+], ids=["route", "recovering", "starting", "spare", "rehosting"])
 async def test_keeps_serving_while_capacity_may_come_back(engine):
     with anyio.fail_after(10):
-        assert not await watch(engine, grace_s=0.05, for_s=0.5)
+        assert not await gives_up(engine, grace_s=0.05, within_s=0.5)
+
+
+@pytest.mark.parametrize("state", ["starting", "spare"])
+async def test_a_worker_nobody_puts_to_use_does_not_hold_it_up_forever(state):
+    # no recovery task waits for it: after the start timeout, it will not bring a route back
+    with anyio.fail_after(10):
+        assert await gives_up(fake_engine(["dead", "dead", state], start_timeout_s=0.2), grace_s=0.05, within_s=5)
 
 
 # ---------------------------------------------------------------- a real daemon under systemd's eye

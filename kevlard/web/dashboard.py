@@ -10,6 +10,7 @@ the history; the fault buttons then authenticate by that cookie.
 from __future__ import annotations
 
 import hmac
+import sys
 from pathlib import Path
 
 from starlette.requests import Request
@@ -23,9 +24,19 @@ from kevlard.config import Config
 from kevlard.web.admin_api import ADMIN_COOKIE, FAULT_KINDS
 from kevlard.web.request_timing import RequestTimings
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-TEMPLATES_DIR = REPO_ROOT / "templates"
-STATIC_DIR = REPO_ROOT / "static"
+
+def _data_dir() -> Path:
+    """The folder holding templates/ and static/: the source tree (an editable install, a
+    checkout), else <prefix>/share/kevlard where a wheel puts them (pyproject's data-files)."""
+    source = Path(__file__).resolve().parents[2]
+    if (source / "templates" / "dashboard.html").is_file():
+        return source
+    return Path(sys.prefix) / "share" / "kevlard"
+
+
+DATA_DIR = _data_dir()
+TEMPLATES_DIR = DATA_DIR / "templates"
+STATIC_DIR = DATA_DIR / "static"
 
 # The event kinds the page listens for: htmx's SSE extension subscribes by name, so a kind not
 # listed here is neither logged nor triggers a refresh. Add new kinds as the engine grows them.
@@ -62,7 +73,8 @@ class Dashboard:
         return [
             Route("/", self.index, methods=["GET"]),
             Route("/api/stats", self.stats, methods=["GET"]),
-            Mount("/static", app=StaticFiles(directory=STATIC_DIR), name="static"),
+            # check_dir=False: a missing asset folder breaks the page, never the API's start-up
+            Mount("/static", app=StaticFiles(directory=STATIC_DIR, check_dir=False), name="static"),
         ]
 
     async def index(self, request: Request) -> Response:

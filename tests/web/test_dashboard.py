@@ -71,7 +71,7 @@ def test_vendored_static_files_are_served(url):
     for path in [*scripts, *re.findall(r'href="(/static/[^"]+)"', page)]:
         r = httpx.get(url + path, timeout=10)
         assert r.status_code == 200, path
-        assert len(r.content) > 500, path
+        assert r.content, path
     assert "defineExtension(\"sse\"" in httpx.get(url + "/static/htmx-ext-sse.min.js", timeout=10).text
     assert not any("//" in s for s in scripts), "no script from another host"
 

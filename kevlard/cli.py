@@ -121,7 +121,8 @@ def _serve(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     import asyncio
 
-    from kevlard.bench.loadgen import BenchError, StderrProgress, check_load_args, parse_fault_spec, run_load
+    from kevlard.bench.faults import parse_fault_spec
+    from kevlard.bench.loadgen import BenchError, StderrProgress, check_load_args, run_load
     from kevlard.bench.report import format_fault_markdown, format_markdown
 
     try:

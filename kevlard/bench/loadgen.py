@@ -7,8 +7,8 @@ Every request is a streamed chat completion; the client measures time to first t
 end-to-end latency itself.
 
 Faults (`--fault kill@5s`) are posted to the daemon's `POST /api/faults` at their times from
-the start of the run, while the load goes on; report.py turns the records and the injection
-times into recovery metrics.
+the start of the run, while the load goes on (faults.py); report.py turns the records and the
+injection times into recovery metrics.
 """
 from __future__ import annotations
 
@@ -17,29 +17,22 @@ import datetime
 import json
 import math
 import random
-import re
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Sequence, TextIO
 
 import httpx
 
+from kevlard.bench.errors import MAX_ERROR_CHARS, BenchError
+from kevlard.bench.faults import ADMIN_TIMEOUT_S, FaultSpec, _collect_faults, _inject, read_admin_token
 from kevlard.bench.prompts import PROMPTS
 from kevlard.bench.report import FAILURE_WINDOW_S, FaultRecord, RequestRecord, fault_metrics, summarize
 
 # (sent, done, failed), called after every send and every finish.
 ProgressCallback = Callable[[int, int, int], None]
 
-MAX_ERROR_CHARS = 300
 MODELS_TIMEOUT_S = 30.0
-ADMIN_TIMEOUT_S = 10.0  # GET /api/cluster and POST /api/faults, each
-FAULT_KINDS = ("kill", "hang", "slow", "device_error")  # what POST /api/faults accepts
-
-
-class BenchError(Exception):
-    """The benchmark cannot run at all (server unreachable, no model); one request failing is not this."""
 
 
 @dataclass
@@ -87,94 +80,6 @@ def check_load_args(rate: float, requests: int, output_tokens: int, timeout_s: f
     if not timeout_s > 0:
         raise ValueError(f"timeout must be > 0 s, got {timeout_s}")
 
-
-@dataclass(frozen=True)
-class FaultSpec:
-    """One `--fault KIND@TIME[:worker=ID][:duration=TIME]`."""
-
-    kind: str
-    at_s: float
-    worker: int | None = None  # None: the worker of --fault-stage of pipeline 0 at injection
-    duration_s: float | None = None  # for hang/slow; None: the server's default
-
-    def __str__(self) -> str:
-        text = f"{self.kind}@{self.at_s:g}s"
-        if self.worker is not None:
-            text += f":worker={self.worker}"
-        if self.duration_s is not None:
-            text += f":duration={self.duration_s:g}s"
-        return text
-
-    def to_json(self) -> dict[str, Any]:
-        return {"kind": self.kind, "at_s": self.at_s, "worker": self.worker, "duration_s": self.duration_s}
-
-
-_TIME = re.compile(r"(?P<number>\d+(?:\.\d*)?|\.\d+)(?P<unit>ms|s)?")
-
-
-def parse_time_s(text: str) -> float:
-    """Seconds from '5', '5s', '1.5s' or '500ms'; ValueError for anything else."""
-    match = _TIME.fullmatch(text.strip())
-    if match is None:
-        raise ValueError(f"bad time {text!r}: expected seconds like 5, 5s, 1.5s or 500ms")
-    value = float(match["number"])
-    return value / 1000.0 if match["unit"] == "ms" else value
-
-
-def parse_fault_spec(text: str) -> FaultSpec:
-    """`KIND@TIME[:worker=ID][:duration=TIME]`, e.g. kill@5s, hang@8s:worker=3, slow@500ms:duration=2s."""
-    head, *options = text.strip().split(":")
-    kind, at, time_text = head.partition("@")
-    kind = kind.strip()
-    if not at:
-        raise ValueError(f"bad fault {text!r}: expected KIND@TIME[:worker=ID], e.g. kill@5s")
-    if kind not in FAULT_KINDS:
-        raise ValueError(f"bad fault {text!r}: kind must be one of {', '.join(FAULT_KINDS)}, got {kind!r}")
-    try:
-        at_s = parse_time_s(time_text)
-    except ValueError as e:
-        raise ValueError(f"bad fault {text!r}: {e}") from None
-    worker: int | None = None
-    duration_s: float | None = None
-    seen: set[str] = set()
-    for option in options:
-        key, eq, value = (part.strip() for part in option.partition("="))
-        if not eq or not value:
-            raise ValueError(f"bad fault {text!r}: option {option!r} is not KEY=VALUE")
-        if key in seen:
-            raise ValueError(f"bad fault {text!r}: {key} given twice")
-        seen.add(key)
-        if key == "worker":
-            if not value.isdecimal():
-                raise ValueError(f"bad fault {text!r}: worker must be an integer worker id, got {value!r}")
-            worker = int(value)
-        elif key == "duration":
-            try:
-                duration_s = parse_time_s(value)
-            except ValueError as e:
-                raise ValueError(f"bad fault {text!r}: duration: {e}") from None
-            if duration_s <= 0:
-                raise ValueError(f"bad fault {text!r}: duration must be > 0")
-        else:
-            raise ValueError(f"bad fault {text!r}: unknown option {key!r} (worker, duration)")
-    return FaultSpec(kind, at_s, worker, duration_s)
-
-
-def read_admin_token(path: str | Path | None = None) -> str:
-    """The daemon's generated admin token from its owner-only file (default
-    ~/.local/state/kevlard/admin_token); BenchError when there is none."""
-    if path is None:
-        from kevlard.admin_token import TOKEN_FILE_NAME, default_state_dir
-
-        path = default_state_dir() / TOKEN_FILE_NAME
-    try:
-        token = Path(path).read_text(encoding="ascii").strip()
-    except (OSError, UnicodeDecodeError) as e:
-        raise BenchError(f"faults need the admin token: pass --admin-token, or let the daemon write "
-                         f"{path} ({e.strerror if isinstance(e, OSError) else e})") from e
-    if not token:
-        raise BenchError(f"faults need the admin token: {path} is empty")
-    return token
 
 
 def poisson_schedule(rate: float, count: int, seed: int) -> list[float]:
@@ -284,102 +189,6 @@ async def _warmup(client: httpx.AsyncClient, base: str, model: str, count: int, 
               start, timeout_s, counts)
         for i in range(count)))
     return sum(not r.ok for r in records)
-
-
-async def pick_worker(admin: httpx.AsyncClient, base: str, stage: int | None) -> tuple[int, int]:
-    """(worker id, stage) of pipeline 0's route in GET /api/cluster; stage None: the middle one."""
-    target = f"{base}/api/cluster"
-    response = await admin.get(target)
-    if response.is_error:
-        raise BenchError(f"GET {target} answered {response.status_code}: {response.text[:MAX_ERROR_CHARS]}")
-    try:
-        pipelines = response.json()["pipelines"]
-        pipeline = next(p for p in pipelines if p.get("id") == 0) if isinstance(pipelines, list) else None
-        route = list(pipeline["route"]) if pipeline else None
-    except (ValueError, KeyError, TypeError, StopIteration):
-        route = None
-    if not route:
-        raise BenchError(f"GET {target} names no route of pipeline 0: {response.text[:MAX_ERROR_CHARS]!r}")
-    index = len(route) // 2 if stage is None else stage
-    if not -len(route) <= index < len(route):
-        raise BenchError(f"pipeline 0 has {len(route)} stages, no stage {stage}")
-    index %= len(route)
-    return int(route[index]), index
-
-
-async def _inject(admin: httpx.AsyncClient, base: str, spec: FaultSpec, stage: int | None,
-                  start: float, model: str | None = None) -> FaultRecord:
-    """Wait for spec.at_s, pick the worker if the spec names none, post the fault."""
-    def now() -> float:
-        return time.perf_counter() - start
-
-    delay = spec.at_s - now()
-    if delay > 0:
-        await asyncio.sleep(delay)
-    worker, picked_stage = spec.worker, None
-    injected_s = acked_s = status_code = probe_first_token_s = None
-    error: str | None = None
-    try:
-        if worker is None:
-            worker, picked_stage = await pick_worker(admin, base, stage)
-        body: dict[str, Any] = {"worker": worker, "kind": spec.kind}
-        if spec.duration_s is not None:
-            body["duration_s"] = spec.duration_s
-        injected_s = now()
-        response = await admin.post(f"{base}/api/faults", json=body)
-        acked_s = now()
-        status_code = response.status_code
-        if response.is_error:
-            error = f"POST /api/faults answered {status_code}: {response.text[:MAX_ERROR_CHARS]}"
-        else:
-            probe_s = await _probe_first_token(admin, base, model)
-            probe_first_token_s = None if probe_s is None else probe_s - start - injected_s
-    except BenchError as e:
-        error = str(e)
-    except Exception as e:  # a fault that cannot be posted is reported, the load goes on
-        error = f"{type(e).__name__}: {e}"[:MAX_ERROR_CHARS]
-    return FaultRecord(kind=spec.kind, at_s=spec.at_s, worker=worker, stage=picked_stage,
-                       duration_s=spec.duration_s, injected_s=injected_s, acked_s=acked_s,
-                       ok=error is None, status_code=status_code, error=error,
-                       probe_first_token_s=probe_first_token_s)
-
-
-async def _probe_first_token(client: httpx.AsyncClient, base: str, model: str | None) -> float | None:
-    """Send one small streamed request now; the perf_counter time of its first token, or None."""
-    body: dict[str, Any] = {"messages": [{"role": "user", "content": "Say OK."}], "max_tokens": 2,
-                            "stream": True}
-    if model:
-        body["model"] = model
-    try:
-        async with asyncio.timeout(120):
-            async with client.stream("POST", f"{base}/v1/chat/completions", json=body) as response:
-                if response.is_error:
-                    return None
-                async for line in response.aiter_lines():
-                    if not line.startswith("data:") or line.strip() == "data: [DONE]":
-                        continue
-                    choices = json.loads(line[len("data:"):]).get("choices") or [{}]
-                    if (choices[0].get("delta") or {}).get("content"):
-                        return time.perf_counter()
-    except Exception:
-        return None
-    return None
-
-
-async def _collect_faults(specs: Sequence[FaultSpec], tasks: Sequence[asyncio.Task[FaultRecord]],
-                          start: float) -> list[FaultRecord]:
-    """The fault records once every request finished: a fault whose time has come is awaited,
-    one still waiting for its time is cancelled (the run ended before it)."""
-    records = []
-    for spec, task in zip(specs, tasks):
-        if not task.done() and spec.at_s > time.perf_counter() - start:
-            task.cancel()
-            records.append(FaultRecord(kind=spec.kind, at_s=spec.at_s, worker=spec.worker,
-                                       duration_s=spec.duration_s,
-                                       error="every request finished before its time came"))
-        else:
-            records.append(await task)
-    return records
 
 
 async def discover_model(client: httpx.AsyncClient, base: str) -> str:

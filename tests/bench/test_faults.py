@@ -13,7 +13,7 @@ from starlette.routing import Route
 
 from kevlard.bench import (FaultRecord, FaultSpec, RequestRecord, fault_metrics, format_fault_markdown,
                            parse_fault_spec, run_load, summarize)
-from kevlard.bench.loadgen import parse_time_s
+from kevlard.bench.faults import parse_time_s
 from kevlard.bench.report import failure_window, first_token_after, recovery_time, throughput_series
 from kevlard.cli import main
 from tests.bench.test_loadgen import DEADLINE_S, MODEL_ID, live_server, stream_server_app

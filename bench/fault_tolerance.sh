@@ -13,7 +13,7 @@ wait_ready() { for _ in $(seq 1 600); do curl -sf "$1" >/dev/null 2>&1 && return
 
 run() {  # label, extra config lines, bench args...
     local label=$1 conf=$2; shift 2
-    printf '[server]\nadmin_token = "bench"\n%b\n' "$conf" > "$OUT/$label.toml"
+    printf '%b\n[server]\nadmin_token = "bench"\n' "$conf" > "$OUT/$label.toml"
     $K serve --port 8032 --config "$OUT/$label.toml" > "$OUT/$label.log" 2>&1 &
     local pid=$!
     wait_ready http://127.0.0.1:8032/ready

@@ -240,7 +240,7 @@ class Cluster:
         w.state = "dead"
         w.failure = w.failure or "kill"
         self.act_pairs = {pair for pair in self.act_pairs if wid not in pair}
-        w.handle.process.join(0.05)  # an EOF means it is exiting: let it, so its exit code is its own
+        w.handle.process.join(0.005)  # an EOF means it is exiting: let it, so its exit code is its own
         w.handle.kill()
         for cmd_id, (owner, fut) in list(self._pending.items()):
             if owner == wid and not fut.done():

@@ -39,7 +39,7 @@ class KVCache:
         return self.data.index_select(2, slots)
 
     def scatter(self, slots: torch.Tensor, values: torch.Tensor) -> None:
-        self.data.index_copy_(2, slots, values.to(self.data.device))
+        self.data.index_copy_(2, slots, values.to(device=self.data.device, dtype=self.data.dtype))
 
     def block_slots(self, block_ids: tuple[int, ...] | list[int]) -> torch.Tensor:
         blocks = torch.tensor(list(block_ids), dtype=torch.long)

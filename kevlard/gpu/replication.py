@@ -74,7 +74,9 @@ class ReplicaSender:
         slot_t = torch.cat(slots)
         body = torch.tensor(slot_t.tolist() + [x for pair in upto.items() for x in pair], dtype=torch.long)
         header = torch.tensor([slot_t.numel(), len(upto), pipeline, stage], dtype=torch.long)
-        values = self.kv.gather(slot_t).cpu()  # [2, L, n, kvh, hd]
+        # the cache may be float64 (gpu/kv_cache.attention_dtype), but every value in it came from a
+        # float32 projection: float32 on the wire is lossless and half the bytes
+        values = self.kv.gather(slot_t).to(torch.float32).cpu()  # [2, L, n, kvh, hd]
         self.link.send(header)
         self.link.send(body)
         self.link.send(values)
@@ -94,7 +96,7 @@ class ReplicaReceiver:
         self._thread.start()
 
     def _run(self) -> None:
-        dtype = self.kv.data.dtype
+        dtype = torch.float32 if self.kv.data.dtype == torch.float64 else self.kv.data.dtype  # see _ship
         while self.alive:
             try:
                 num_slots, num_reqs, pipeline, stage = self.link.recv((4,), torch.long).tolist()

@@ -202,7 +202,7 @@ class Cluster:
         if w is None or w.state == "dead":
             return
         w.failure = w.failure or why
-        self._worker_gone(wid)
+        self._worker_gone(wid, eof=False)
 
     # ---------------------------------------------------------------- traffic from reader threads
 
@@ -230,7 +230,7 @@ class Cluster:
         else:
             self.on_message(wid, msg)
 
-    def _worker_gone(self, wid: int) -> None:
+    def _worker_gone(self, wid: int, eof: bool = True) -> None:
         w = self.workers.get(wid)
         if w is None or w.state == "dead":
             return
@@ -240,8 +240,11 @@ class Cluster:
         w.state = "dead"
         w.failure = w.failure or "kill"
         self.act_pairs = {pair for pair in self.act_pairs if wid not in pair}
-        w.handle.process.join(0.005)  # an EOF means it is exiting: let it, so its exit code is its own
-        w.handle.kill()
+        if eof:  # its channel closed because it is exiting: let it, so its exit code is its own
+            w.handle.process.join(0.005)
+            self.loop.call_later(0.5, w.handle.kill)  # ... but make sure
+        else:
+            w.handle.kill()
         for cmd_id, (owner, fut) in list(self._pending.items()):
             if owner == wid and not fut.done():
                 fut.set_exception(WorkerStartError(f"worker {wid} died (exit code {w.handle.exitcode})"))

@@ -214,6 +214,8 @@ class KevlarEngine:
             self._pump(p)
 
     def _pump(self, pipeline: int) -> None:
+        if not self.cluster.route_alive(pipeline):
+            return  # a worker of the route is gone: recovery reroutes first
         in_flight = sum(1 for plan, _, _ in self._dispatched.values() if plan.pipeline == pipeline)
         while in_flight < self.microbatches:
             plan = self.scheduler.schedule(pipeline)

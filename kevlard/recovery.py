@@ -82,6 +82,7 @@ class Recovery:
                 if owner != wid or p in self._restarting:
                     continue
                 self.engine.write_off_pipeline_steps(p)
+                self.scheduler.pause(p)  # nothing new for this route until it is repaired
                 if self.config.recovery == "restart":
                     self._restarting.add(p)
                     self._spawn_task(self.restart_pipeline(p, failed_at))

@@ -1,6 +1,7 @@
 # make serve [ARGS="--port 9000 --devices cpu:4"]
 # make test  [PYTEST_ARGS="tests/test_config.py -x"]
-# Both create or reuse .venv and install into it first (quick when nothing changed).
+# make bench (bench/serving_core.sh, then bench/fault_tolerance.sh; results in docs/bench/)
+# Each creates or reuses .venv and install into it first (quick when nothing changed).
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -8,7 +9,7 @@ ARGS ?=
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.kevlard-installed
 
-.PHONY: install serve test clean
+.PHONY: install serve test bench clean
 
 install: $(STAMP)
 
@@ -20,6 +21,10 @@ serve: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	bash bench/serving_core.sh
+	bash bench/fault_tolerance.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

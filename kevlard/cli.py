@@ -45,7 +45,24 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(command="serve", run=_serve)
 
     bench = sub.add_parser("bench", help="open-loop load test of an OpenAI-compatible server")
-    bench.add_argument("--url", required=True, help="the server, e.g. http://127.0.0.1:8000")
+    target = bench.add_mutually_exclusive_group(required=True)
+    target.add_argument("--url", help="a running server, e.g. http://127.0.0.1:8000")
+    target.add_argument("--config", metavar="PATH",
+                        help="start `kevlard serve --config PATH` on a free port for the run, stop it after")
+    bench.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
+                       help="with --config: pass ARG to kevlard serve, e.g. --serve-arg=--model "
+                            "--serve-arg=/path; repeatable")
+    bench.add_argument("--compare", metavar="MODES",
+                       help="with --config: a failure-free pass, then the same load and faults once per "
+                            "recovery mode, e.g. kevlar,restart")
+    bench.add_argument("--replication", metavar="on,off",
+                       help="with --config: the same load with [kv] replication on and off; its overhead")
+    bench.add_argument("--plot", metavar="OUT.png", help="rolling TTFT and tokens/s over time, faults marked")
+    bench.add_argument("--work-dir", metavar="DIR",
+                       help="with --config: keep the daemons' configs and logs here (default: a temporary "
+                            "directory, removed after)")
+    bench.add_argument("--ready-timeout-s", type=float, default=300.0, metavar="X",
+                       help="with --config: give up when a daemon is not ready after X s (default 300)")
     bench.add_argument("--rate", type=float, default=8.0, metavar="R",
                        help="Poisson arrival rate in requests/s; inf sends all at once (default 8)")
     bench.add_argument("--requests", type=int, default=40, metavar="N", help="requests to send (default 40)")
@@ -119,11 +136,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    import asyncio
-
+    from kevlard.bench.comparison import parse_modes, parse_on_off
     from kevlard.bench.faults import parse_fault_spec
-    from kevlard.bench.loadgen import BenchError, StderrProgress, check_load_args, run_load
-    from kevlard.bench.report import format_fault_markdown, format_markdown
+    from kevlard.bench.loadgen import BenchError, check_load_args
 
     try:
         check_load_args(args.rate, args.requests, args.output_tokens, args.timeout_s)
@@ -132,29 +147,90 @@ def _bench(args: argparse.Namespace) -> int:
             raise ValueError(f"warmup must be >= 0, got {args.warmup}")
         if not args.window_s > 0:
             raise ValueError(f"window must be > 0 s, got {args.window_s}")
+        if not args.ready_timeout_s > 0:
+            raise ValueError(f"ready timeout must be > 0 s, got {args.ready_timeout_s}")
+        if args.config is None:
+            for flag, value in (("--compare", args.compare), ("--replication", args.replication),
+                                ("--serve-arg", args.serve_arg), ("--work-dir", args.work_dir)):
+                if value:
+                    raise ValueError(f"{flag} needs --config (a daemon the benchmark starts itself)")
+        if args.compare and args.replication:
+            raise ValueError("--compare and --replication are separate runs: give one of them")
+        if args.compare and args.reference:
+            raise ValueError("--compare makes its own failure-free reference: drop --reference")
+        modes = parse_modes(args.compare) if args.compare else None
+        replication = parse_on_off(args.replication) if args.replication else None
     except ValueError as e:
         print(f"kevlard bench: error: {e}", file=sys.stderr)
         return 2
-    progress = StderrProgress(args.requests)
     try:
-        result = asyncio.run(run_load(
-            args.url, args.rate, args.requests, args.output_tokens, args.seed, args.model,
-            api_key=args.api_key, ignore_eos=args.ignore_eos, timeout_s=args.timeout_s,
-            label=args.label, progress=progress, faults=faults, fault_stage=args.fault_stage,
-            admin_token=args.admin_token, window_s=args.window_s, warmup=args.warmup))
+        results = _bench_runs(args, faults, modes, replication)
     except BenchError as e:
         print(f"kevlard bench: {e}", file=sys.stderr)
         return 1
-    finally:
-        progress.close()
-    summary = result.summary
-    label = result.label or result.model
-    print(format_markdown([(label, summary)]))
-    fault_rows = result.fault_metrics
-    if fault_rows:
+    return _bench_report(args, results, compared=modes is not None, replication=replication)
+
+
+def _bench_runs(args: argparse.Namespace, faults: list[Any], modes: list[str] | None,
+                replication: list[bool] | None) -> list[Any]:
+    """The runs: one against --url, or one per variant against daemons started from --config."""
+    import asyncio
+
+    from kevlard.bench.loadgen import StderrProgress, run_load
+
+    load = dict(rate=args.rate, requests=args.requests, output_tokens=args.output_tokens, seed=args.seed,
+                model=args.model, ignore_eos=args.ignore_eos, timeout_s=args.timeout_s,
+                fault_stage=args.fault_stage, window_s=args.window_s, warmup=args.warmup)
+    if args.url:
+        progress = StderrProgress(args.requests)
+        try:
+            return [asyncio.run(run_load(args.url, **load, api_key=args.api_key, label=args.label,
+                                         progress=progress, faults=faults, admin_token=args.admin_token))]
+        finally:
+            progress.close()
+    import tempfile
+    from pathlib import Path
+
+    from kevlard.bench.comparison import Variant, compare_variants, replication_variants, run_variants
+
+    if modes is not None:
+        variants = compare_variants(modes)
+    elif replication is not None:
+        variants = replication_variants(replication)
+    else:
+        variants = [Variant(args.label or "kevlard")]
+    with tempfile.TemporaryDirectory(prefix="kevlard-bench-") as temp:
+        return run_variants(args.config, variants, Path(args.work_dir or temp), serve_args=args.serve_arg,
+                            faults=faults, ready_timeout_s=args.ready_timeout_s, api_key=args.api_key,
+                            progress_factory=lambda: StderrProgress(args.requests), **load)
+
+
+def _bench_report(args: argparse.Namespace, results: list[Any], *, compared: bool,
+                  replication: list[bool] | None) -> int:
+    from kevlard.bench.report import format_fault_markdown, format_markdown
+
+    print(format_markdown([(r.label or r.model, r.summary) for r in results]))
+    outputs = [r.to_json() for r in results]
+    document: dict[str, Any] = outputs[0] if len(results) == 1 else {"runs": outputs}
+    if compared:
+        from kevlard.bench.comparison import format_comparison_markdown, reference_shares
+
+        shares = reference_shares(results)
+        for output, share in zip(outputs, shares):
+            output["identical_to_reference"] = share
         print()
-        print(format_fault_markdown([(label, summary, fault_rows)]))
-    output = result.to_json()
+        print(format_comparison_markdown(results, shares))
+    fault_table = format_fault_markdown([(r.label or r.model, r.summary, r.fault_metrics) for r in results])
+    if fault_table:
+        print()
+        print(fault_table)
+    if replication is not None and len(results) == 2 and replication[0] != replication[1]:
+        from kevlard.bench.comparison import format_overhead, replication_overhead
+
+        on, off = (results[0], results[1]) if replication[0] else (results[1], results[0])
+        document["replication_overhead"] = overhead = replication_overhead(on.summary, off.summary)
+        print()
+        print(format_overhead(overhead))
     if args.reference:
         from kevlard.bench.report import RequestRecord, identical_share
 
@@ -162,25 +238,34 @@ def _bench(args: argparse.Namespace) -> int:
             fields = RequestRecord.__dataclass_fields__
             reference = [RequestRecord(**{k: v for k, v in r.items() if k in fields})
                          for r in json.load(f)["records"]]
-        share = identical_share(result.records, reference)
-        output["identical_to_reference"] = share
-        print(f"\nanswers identical to {args.reference}: "
-              f"{'-' if share is None else format(share * 100, '.1f') + ' %'}")
+        for result, output in zip(results, outputs):
+            share = identical_share(result.records, reference)
+            output["identical_to_reference"] = share
+            print(f"\n{result.label or result.model}: answers identical to {args.reference}: "
+                  f"{'-' if share is None else format(share * 100, '.1f') + ' %'}")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as out:
-            json.dump(output, out, indent=2)
+            json.dump(document, out, indent=2)
             out.write("\n")
-    errors = sorted({record.error for record in result.records if record.error})
-    for error in errors[:5]:
-        print(f"kevlard bench: failed: {error}", file=sys.stderr)
-    if result.warmup_failed:
-        print(f"kevlard bench: {result.warmup_failed} of {args.warmup} warmup requests failed", file=sys.stderr)
-    missed = [fault for fault in result.faults if not fault.ok]
-    for fault in missed:
-        print(f"kevlard bench: fault {fault.kind}@{fault.at_s:g}s not injected: {fault.error}", file=sys.stderr)
-    # Some failures are what a fault benchmark measures; none succeeding, or a fault that could
-    # not be injected, is a broken setup.
-    return 0 if summary["succeeded"] and not missed else 1
+    if args.plot:
+        from kevlard.bench.plots import plot_runs
+
+        plot_runs(results, args.plot)
+    code = 0
+    for result in results:
+        prefix = f"kevlard bench: {result.label}: " if len(results) > 1 else "kevlard bench: "
+        for error in sorted({record.error for record in result.records if record.error})[:5]:
+            print(f"{prefix}failed: {error}", file=sys.stderr)
+        if result.warmup_failed:
+            print(f"{prefix}{result.warmup_failed} of {args.warmup} warmup requests failed", file=sys.stderr)
+        missed = [fault for fault in result.faults if not fault.ok]
+        for fault in missed:
+            print(f"{prefix}fault {fault.kind}@{fault.at_s:g}s not injected: {fault.error}", file=sys.stderr)
+        # Some failures are what a fault benchmark measures; none succeeding, or a fault that
+        # could not be injected, is a broken setup.
+        if not result.summary["succeeded"] or missed:
+            code = 1
+    return code
 
 
 def _fault(args: argparse.Namespace) -> int:

@@ -123,7 +123,7 @@ class KevlarEngine:
             "num_running": self.scheduler.num_running(),
             "num_waiting": self.scheduler.num_waiting(),
             "kv_usage": round(self.scheduler.kv_usage(), 4),
-            "stats": dict(self.stats),
+            "stats": dict(self.stats, preemptions=self.scheduler.num_preemptions),
             "ready": self.is_ready(),
             "recovery": self.recovery.snapshot() if self.recovery else {},
             "replica_lag_tokens": self.replica_lag(),

@@ -298,6 +298,8 @@ class KevlarEngine:
         self.cluster.stopping = True  # workers exiting from now on are not failures
         for task in self._background:
             task.cancel()
+        if self.recovery is not None:
+            self.recovery.cancel()
         deadline = time.monotonic() + timeout_s
         while self._streams and time.monotonic() < deadline:
             await asyncio.sleep(0.05)

@@ -306,5 +306,10 @@ class Recovery:
         """A reroute, restore, restart or replacement spare is under way: capacity may come back."""
         return bool(self._tasks)
 
+    def cancel(self) -> None:
+        """Shutdown: recovery in progress stops here (the weight store is about to close)."""
+        for task in list(self._tasks):
+            task.cancel()
+
     def snapshot(self) -> dict:
         return dict(self.counters, recovery_seconds=[round(x, 4) for x in self.recovery_seconds[-20:]])

@@ -168,13 +168,12 @@ class Cluster:
         """A two-party link between workers a (rank 0) and b (rank 1); nobody else takes part."""
         name = f"{purpose}-{a}-{b}-{self.next_cmd_id()}"
         port = self._store.port
-        # a replica receiver waits on its link between shipments, for as long as the source lives
-        timeout = self.link_timeout_s if purpose != "repl" else 7 * 24 * 3600.0
-        if purpose == "act":
-            self.act_pairs.add((a, b))
+        timeout = self.link_timeout_s
         await asyncio.gather(
             self.command(a, m.OpenLink(self.next_cmd_id(), b, name, 0, self.store_host, port, timeout, purpose)),
             self.command(b, m.OpenLink(self.next_cmd_id(), a, name, 1, self.store_host, port, timeout, purpose)))
+        if purpose == "act":
+            self.act_pairs.add((a, b))
 
     def pool(self, pipeline: int, stage: int) -> str:
         return self.pools.get((pipeline, stage), "primary")
@@ -281,12 +280,13 @@ class Cluster:
 
     def stop(self, timeout_s: float = 5.0) -> None:
         self.stopping = True
-        for w in self.workers.values():
+        workers = list(self.workers.values())  # recovery may still add one from the loop
+        for w in workers:
             w.handle.send(m.Shutdown())
         deadline = time.monotonic() + timeout_s
-        for w in self.workers.values():
+        for w in workers:
             w.handle.process.join(max(0.0, deadline - time.monotonic()))
-        for w in self.workers.values():
+        for w in workers:
             w.handle.stop(1.0)
         self._store = None
         log.info("workers stopped (pid %d)", os.getpid())

@@ -148,6 +148,8 @@ async def _load_and_serve(config: Config, topo, cluster, t0: float) -> int:
                              str(source.weights_dir) if from_disk else None)
 
         await cluster.start(stage_command)
+        # one request must fit in one pipeline's KV blocks
+        max_model_len = min(max_model_len, num_blocks * config.kv.block_size)
         engine = KevlarEngine(config, source, tokenizer, cluster, num_blocks, max_model_len)
         engine.recovery = Recovery(engine, stage_command, str(source.weights_dir))
         engine.start_background()

@@ -174,13 +174,16 @@ class KevlarEngine:
         """Requests wait while no route exists, up to scheduler.no_route_wait_s, then get a
         retryable 503 instead of waiting forever."""
         limit = self.config.scheduler.no_route_wait_s
+        no_route_since = None
         while True:
             await asyncio.sleep(0.1)
-            if any(self.scheduler.active):
+            if any(self.cluster.route_alive(p) for p in range(self.scheduler.num_pipelines)):
+                no_route_since = None
                 continue
             now = time.monotonic()
+            no_route_since = no_route_since or now
             for req in list(self.scheduler.waiting):
-                if now - req.arrival > limit:
+                if now - max(req.arrival, no_route_since) > limit:
                     q = self._streams.get(req.id)
                     self.scheduler.abort(req.id)
                     if q is not None:

@@ -138,7 +138,7 @@ class ReplicaAck:
     source: int
     pipeline: int
     stage: int
-    upto: tuple[tuple[int, int], ...]  # (req_id, tokens)
+    upto: tuple[tuple[int, int, int], ...]  # (req_id, start, end): tokens [start, end) stored
 
 
 @dataclass(frozen=True)

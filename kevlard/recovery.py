@@ -34,6 +34,7 @@ class Recovery:
         self._last_lag, self._lag_reported_at = 0, 0.0
         self._restarting: set[int] = set()  # pipelines being torn down and restarted
         self._restoring: set[tuple[int, int]] = set()  # (pipeline, stage) a spare is being brought in for
+        self._holds: dict[int, int] = {}  # pipeline -> recovery steps holding it paused
 
     # ---------------------------------------------------------------- detection
 
@@ -82,14 +83,41 @@ class Recovery:
                 if owner != wid or p in self._restarting:
                     continue
                 self.engine.write_off_pipeline_steps(p)
-                self.scheduler.pause(p)  # nothing new for this route until it is repaired
+                self._hold(p)  # nothing new for this route until it is repaired
                 if self.config.recovery == "restart":
                     self._restarting.add(p)
-                    self._spawn_task(self.restart_pipeline(p, failed_at))
+                    self._spawn_task(self._released_after(p, self.restart_pipeline(p, failed_at)))
                 else:
-                    self._spawn_task(self.reroute(p, s, failed_at))
-        if self.config.recovery != "restart" and w.state == "dead":
+                    self._spawn_task(self._recover(p, s, failed_at))
+        if self.config.recovery != "restart" and w.ready is not None and w.ready.done():
+            # a worker that never came up is not replaced in a loop: its device may be broken
             self._spawn_task(self.replace_spare(w.handle.device))
+
+    def _hold(self, p: int) -> None:
+        """Recovery work on pipeline p is under way: no new micro-batches or admissions. Holds
+        nest; the last release re-activates the pipeline if its route is complete."""
+        self._holds[p] = self._holds.get(p, 0) + 1
+        self.scheduler.pause(p)
+
+    def _release(self, p: int) -> None:
+        self._holds[p] = max(0, self._holds.get(p, 0) - 1)
+        if self._holds[p] == 0 and self.cluster.route_alive(p):
+            self.scheduler.activate(p)
+        self.engine.pump_all()
+
+    async def _released_after(self, p: int, coro) -> None:
+        try:
+            await coro
+        finally:
+            self._release(p)
+
+    async def _recover(self, p: int, s: int, failed_at: float) -> None:
+        """Reroute at once (the pipeline serves through the buddy), then restore capacity."""
+        try:
+            await self.reroute(p, s, failed_at)
+        finally:
+            self._release(p)
+        await self.restore(p, s, failed_at)
 
     def _spawn_task(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -115,9 +143,7 @@ class Recovery:
             self.events.emit("pipeline_down", None, level=logging.WARNING, pipeline=p, stage=s,
                              requests_replayed=moved)
             self.engine.pump_all()
-            await self.restore(p, s, failed_at)
             return
-        sched.pause(p)
         route = cluster.routes[p]
         route[s] = buddy
         cluster.pools[(p, s)] = "replica"
@@ -131,19 +157,16 @@ class Recovery:
             await asyncio.gather(*links)
         except Exception as e:
             self.events.emit("reroute_failed", buddy, level=logging.ERROR, pipeline=p, stage=s, error=str(e))
-            sched.deactivate(p)
+            sched.deactivate(p)  # its requests replay elsewhere; the restore that follows brings it back
             self.engine.pump_all()
             return
         resumed = sched.resume_after_failover(p, s)
         sched.forget_replicas(p, s)
         self._count_resumed(resumed)
-        sched.activate(p)
         self.counters["reroutes"] += 1
         took = time.monotonic() - failed_at
         self.recovery_seconds.append(took)
         self.events.emit("reroute", buddy, pipeline=p, stage=s, route=list(route), seconds=round(took, 4))
-        self.engine.pump_all()
-        await self.restore(p, s, failed_at)
 
     def _count_resumed(self, resumed: list[tuple[int, str, int]]) -> None:
         for req_id, how, recomputed in resumed:
@@ -176,6 +199,7 @@ class Recovery:
             self._pending_restore.append((p, s, failed_at))
             return
         self.events.emit("rehost", spare, pipeline=p, stage=s, state="rehosting")
+        held = False
         try:
             t0 = time.monotonic()
             await cluster.command(spare, self.stage_command(s, replica_pool=cluster.replication))
@@ -186,9 +210,10 @@ class Recovery:
             if s + 1 < len(route) and cluster.workers[route[s + 1]].state == "healthy":
                 links.append(cluster.ensure_link(spare, route[s + 1]))
             await asyncio.gather(*links)
-            # hand the KV back: pause the pipeline, let its in-flight steps land, copy, switch
+            # hand the KV back: hold the pipeline, let its in-flight steps land, copy, switch
             current = route[s]
-            sched.pause(p)
+            self._hold(p)
+            held = True
             while sched.in_flight_on(p):
                 await asyncio.sleep(0.002)
             handed_back = False
@@ -216,7 +241,8 @@ class Recovery:
             cluster.workers[spare].pipelines = {p}
             if current in cluster.workers:
                 cluster.workers[current].pipelines.discard(p)
-            sched.activate(p)
+            held = False
+            self._release(p)
             self.counters["rehosts"] += 1
             self.events.emit("restore", spare, pipeline=p, stage=s, route=list(route),
                              rehost_s=round(time.monotonic() - t0, 4),
@@ -224,8 +250,8 @@ class Recovery:
         except Exception as e:
             self.events.emit("rehost_failed", spare, level=logging.ERROR, pipeline=p, stage=s, error=str(e))
             cluster.fence(spare, "rehost_failed")
-            if cluster.route_alive(p):
-                sched.activate(p)
+            if held:
+                self._release(p)
             self._pending_restore.append((p, s, failed_at))  # the next spare tries again
         self.engine.pump_all()
 
@@ -294,7 +320,6 @@ class Recovery:
             self._restarting.discard(p)
             return
         self._restarting.discard(p)
-        sched.activate(p)
         self.counters["restarts"] += 1
         took = time.monotonic() - failed_at
         self.recovery_seconds.append(took)

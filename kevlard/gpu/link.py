@@ -21,7 +21,10 @@ class StepAborted(LinkError):
 
 
 class Link:
-    def __init__(self, name: str, rank: int, store_host: str, store_port: int, timeout_s: float):
+    def __init__(self, name: str, rank: int, store_host: str, store_port: int, timeout_s: float,
+                 recv_timeout_s: float | None = None):
+        """`timeout_s` bounds the rendezvous and every send; `recv_timeout_s` (default the same)
+        bounds receives: a replica receiver idles between shipments for as long as its source lives."""
         if rank not in (0, 1):
             raise ValueError(f"link rank must be 0 or 1, got {rank}")
         self.name = name
@@ -33,6 +36,7 @@ class Link:
         except RuntimeError as e:
             raise LinkError(f"link {name}: could not connect: {e}") from e
         self._peer = 1 - rank
+        self.recv_timeout = datetime.timedelta(seconds=recv_timeout_s) if recv_timeout_s else self.timeout
         self.closed = False
 
     def send(self, tensor: torch.Tensor) -> None:
@@ -48,7 +52,7 @@ class Link:
         buf = torch.empty(shape, dtype=dtype)
         group = self._group
         try:
-            group.recv([buf], self._peer, 0).wait(self.timeout)
+            group.recv([buf], self._peer, 0).wait(self.recv_timeout)
         except (RuntimeError, AttributeError) as e:
             raise LinkError(f"link {self.name}: recv failed: {e}") from e
         return buf

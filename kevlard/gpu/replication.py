@@ -2,7 +2,7 @@
 critical path, and the buddy reports how far each request is replicated.
 
 Wire format on a `repl` link, per shipment: a header [num_slots, num_reqs, pipeline, stage]
-(int64), a body [slots..., req_id, upto, req_id, upto, ...] (int64), then the KV of those slots
+(int64), a body [slots..., req_id, start, end, ...] (int64), then the KV of those slots
 [2, L, num_slots, kvh, hd]. Shipments are FIFO, so a block that was freed and reused is always
 overwritten by its newer owner's data last.
 """
@@ -74,13 +74,15 @@ class ReplicaSender:
             time.sleep(SHIP_INTERVAL_S)
 
     def _ship(self, pipeline: int, stage: int, entries) -> None:
-        slots, upto = [], {}
+        slots, spans = [], {}
         for req_id, start, n, table in entries:
             slots.append(self.kv.slots(table, start, start + n))
-            upto[req_id] = max(upto.get(req_id, 0), start + n)
+            first, end = spans.get(req_id, (start, start + n))
+            spans[req_id] = (min(first, start), max(end, start + n))
         slot_t = torch.cat(slots)
-        body = torch.tensor(slot_t.tolist() + [x for pair in upto.items() for x in pair], dtype=torch.long)
-        header = torch.tensor([slot_t.numel(), len(upto), pipeline, stage], dtype=torch.long)
+        body = torch.tensor(slot_t.tolist() + [x for req, (a, b) in spans.items() for x in (req, a, b)],
+                            dtype=torch.long)
+        header = torch.tensor([slot_t.numel(), len(spans), pipeline, stage], dtype=torch.long)
         # the cache may be float64 (gpu/kv_cache.attention_dtype), but every value in it came from a
         # float32 projection: float32 on the wire is lossless and half the bytes
         values = self.kv.gather(slot_t).to(torch.float32).cpu()  # [2, L, n, kvh, hd]
@@ -93,7 +95,7 @@ class ReplicaReceiver:
     """Owns one incoming `repl` link; a thread writes shipments into the replica pool and acks."""
 
     def __init__(self, link: Link, replica_kv: KVCache, source: int,
-                 ack: Callable[[int, int, int, tuple[tuple[int, int], ...]], None]):
+                 ack: Callable[[int, int, int, tuple[tuple[int, int, int], ...]], None]):
         self.link = link
         self.kv = replica_kv
         self.source = source
@@ -107,7 +109,7 @@ class ReplicaReceiver:
         while self.alive:
             try:
                 num_slots, num_reqs, pipeline, stage = self.link.recv((4,), torch.long).tolist()
-                body = self.link.recv((num_slots + 2 * num_reqs,), torch.long)
+                body = self.link.recv((num_slots + 3 * num_reqs,), torch.long)
                 values = self.link.recv((self.kv.slot_shape[0], self.kv.slot_shape[1], num_slots,
                                          *self.kv.slot_shape[2:]), dtype)
             except LinkError:
@@ -115,5 +117,5 @@ class ReplicaReceiver:
                 return
             slots = body[:num_slots].to(self.kv.data.device)
             self.kv.scatter(slots, values)
-            pairs = body[num_slots:].tolist()
-            self.ack(self.source, pipeline, stage, tuple(zip(pairs[0::2], pairs[1::2])))
+            spans = body[num_slots:].tolist()
+            self.ack(self.source, pipeline, stage, tuple(zip(spans[0::3], spans[1::3], spans[2::3])))

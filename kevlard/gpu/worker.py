@@ -127,7 +127,9 @@ class Worker:
         old = self.links.pop(key, None)
         if old is not None:
             old.close()
-        link = Link(msg.name, msg.rank, msg.store_host, msg.store_port, msg.timeout_s)
+        # a replica receiver waits between shipments for as long as its source lives
+        recv_timeout = 7 * 24 * 3600.0 if purpose == "repl-in" else None
+        link = Link(msg.name, msg.rank, msg.store_host, msg.store_port, msg.timeout_s, recv_timeout)
         self.links[key] = link
         if msg.purpose == "repl" and msg.rank == 0:
             if self.replica_sender is not None:
@@ -139,7 +141,7 @@ class Worker:
             self.replica_receivers[msg.peer] = ReplicaReceiver(link, self.replica_kv, msg.peer, self._ack)
         return {}
 
-    def _ack(self, source: int, pipeline: int, stage: int, upto: tuple[tuple[int, int], ...]) -> None:
+    def _ack(self, source: int, pipeline: int, stage: int, upto: tuple[tuple[int, int, int], ...]) -> None:
         try:
             self.send(m.ReplicaAck(self.id, source, pipeline, stage, upto))
         except (OSError, EOFError, BrokenPipeError):

@@ -90,6 +90,8 @@ class Scheduler:
         req.pipeline = None
         req.status = Status.WAITING
         req.num_computed_tokens = 0
+        req.in_flight = False
+        req.step_id = None
         req.replicated.clear()
         req.num_preemptions += 1
         self.num_preemptions += 1
@@ -154,6 +156,8 @@ class Scheduler:
         if not chunks:
             return None
         plan = StepPlan(next(self._step_ids), pipeline, chunks)
+        for req in picked:
+            req.step_id = plan.step_id
         self.in_flight[plan.step_id] = plan
         return plan
 
@@ -166,13 +170,16 @@ class Scheduler:
         return latest if latest.arrival >= exclude.arrival else None
 
     def update_from_output(self, step_id: int, sampled: dict[int, int]) -> list[RequestUpdate]:
-        plan = self.in_flight.pop(step_id)
+        plan = self.in_flight.pop(step_id, None)
+        if plan is None:
+            return []  # written off already
         updates = []
         for c in plan.chunks:
             req = self.requests.get(c.req_id)
-            if req is None or req.is_finished:
-                continue  # aborted while in flight
+            if req is None or req.is_finished or req.step_id != step_id:
+                continue  # aborted while in flight, or rescheduled since (after a failover)
             req.in_flight = False
+            req.step_id = None
             req.num_computed_tokens = c.start + c.num_tokens
             if not c.sample:
                 continue
@@ -192,8 +199,9 @@ class Scheduler:
         ids = []
         for c in plan.chunks:
             req = self.requests.get(c.req_id)
-            if req is not None and not req.is_finished:
+            if req is not None and not req.is_finished and req.step_id == step_id:
                 req.in_flight = False
+                req.step_id = None
                 ids.append(req.id)
         return ids
 
@@ -211,11 +219,16 @@ class Scheduler:
         """No new micro-batches or admissions on the pipeline; its requests keep their blocks."""
         self.active[pipeline] = False
 
-    def on_replica_ack(self, pipeline: int, stage: int, upto: tuple[tuple[int, int], ...]) -> None:
-        for req_id, tokens in upto:
+    def on_replica_ack(self, pipeline: int, stage: int, spans: tuple[tuple[int, int, int], ...]) -> None:
+        """(req_id, start, end): the holder stored tokens [start, end). The watermark only grows
+        over contiguous spans: a holder that joined late has a gap, and claims nothing."""
+        for req_id, start, end in spans:
             req = self.requests.get(req_id)
-            if req is not None and req.pipeline == pipeline:
-                req.replicated[stage] = max(req.replicated.get(stage, 0), min(tokens, req.num_computed_tokens))
+            if req is None or req.pipeline != pipeline:
+                continue
+            mark = req.replicated.get(stage, 0)
+            if start <= mark:
+                req.replicated[stage] = max(mark, end)  # resume never goes past num_computed_tokens
 
     def forget_replicas(self, pipeline: int, stage: int) -> None:
         """The replica of (pipeline, stage) is gone (its holder died, or it became the only copy)."""
@@ -229,6 +242,7 @@ class Scheduler:
         out = []
         for req in self.running[pipeline]:
             req.in_flight = False
+            req.step_id = None
             upto = req.replicated.get(stage, 0)
             recompute = max(0, req.num_computed_tokens - upto)
             req.num_computed_tokens = min(req.num_computed_tokens, upto)

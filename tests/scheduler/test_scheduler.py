@@ -154,3 +154,28 @@ def test_block_manager_pairs():
         bm.allocate(r, 9)
     bm.free(r)
     assert bm.num_free_blocks == 2 and r.block_ids == []
+
+
+def test_a_stale_step_cannot_touch_requests_rescheduled_since():
+    s = make()
+    s.add(req(1, prompt_len=3, max_tokens=5))
+    stale = s.schedule(0)
+    s.resume_after_failover(0, 0)  # a failover: the request is scheduled again
+    fresh = s.schedule(0)
+    assert s.fail_step(stale.step_id) == []  # the old micro-batch is written off ...
+    assert s.update_from_output(stale.step_id, {1: 9}) == []  # ... or answers late: ignored
+    assert s.schedule(0) is None  # still in flight in the fresh step, not scheduled twice
+    updates = s.update_from_output(fresh.step_id, {1: 7})
+    assert [u.new_token_ids for u in updates] == [[7]] and s.requests[1].output_token_ids == [7]
+
+
+def test_replica_watermark_grows_only_over_contiguous_spans():
+    s = make()
+    s.add(req(1, prompt_len=8, max_tokens=10))
+    run_step(s, 0)
+    s.on_replica_ack(0, 1, ((1, 4, 9),))  # a holder that missed tokens 0-3 claims nothing
+    assert s.requests[1].replicated.get(1, 0) == 0
+    s.on_replica_ack(0, 1, ((1, 0, 8),))
+    s.on_replica_ack(0, 1, ((1, 8, 9),))
+    assert s.requests[1].replicated[1] == 9
+    assert s.resume_after_failover(0, 1) == [(1, "replica", 0)]

@@ -357,11 +357,11 @@ def _remove_abandoned_tmp_dirs(cache_root: Path) -> None:
     """Delete conversion temp dirs whose process died mid-way (the name carries its pid)."""
     for tmp in cache_root.glob(".*.tmp-*-*"):
         pid_text = tmp.name.rsplit(".tmp-", 1)[1].split("-", 1)[0]
-        if pid_text.isdigit() and not _pid_alive(int(pid_text)):
+        if pid_text.isdigit() and not pid_alive(int(pid_text)):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

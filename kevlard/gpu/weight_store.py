@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from kevlard.model_source import ModelSource
+from kevlard.model_source import ModelSource, pid_alive, tensor_files
 
 SHM_DIR = "/dev/shm"
 ALIGNMENT = 64
@@ -183,7 +183,7 @@ def cleanup_stale_segments(shm_dir: str = SHM_DIR) -> list[str]:
     removed = []
     for entry in sorted(os.listdir(shm_dir)):
         match = _SEGMENT_RE.match(entry)
-        if match and not _pid_alive(int(match.group(1))):
+        if match and not pid_alive(int(match.group(1))):
             try:
                 os.unlink(os.path.join(shm_dir, entry))
                 removed.append(entry)
@@ -230,23 +230,11 @@ def _view(buffer: torch.Tensor, entry: TensorEntry) -> torch.Tensor:
     return buffer[entry.offset : entry.offset + entry.nbytes].view(_torch_dtype(entry.dtype)).view(entry.shape)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def load_stage_from_disk(weights_dir: str, first_layer: int, last_layer: int, is_first: bool, is_last: bool,
                          dtype: str, device: str = "cpu") -> dict[str, torch.Tensor]:
     """A stage's tensors read from the safetensors files themselves: what a restart does in the
     `recovery = "restart"` baseline, where nothing survives in host memory."""
     from safetensors import safe_open
-
-    from kevlard.model_source import tensor_files
 
     files = tensor_files(Path(weights_dir))
     prefixes = tuple(f"model.layers.{i}." for i in range(first_layer, last_layer))

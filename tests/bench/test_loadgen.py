@@ -3,22 +3,28 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 from contextlib import contextmanager
 from typing import Iterator
 
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from kevlard.bench import RequestRecord, format_markdown, percentile, poisson_schedule, run_load, summarize
+from kevlard.bench import (
+    RequestRecord,
+    format_markdown,
+    percentile,
+    poisson_schedule,
+    run_load,
+    summarize,
+)
 from kevlard.bench.loadgen import StderrProgress, chat_body
 from kevlard.bench.prompts import PROMPTS
 from kevlard.cli import main
+from tests.live_server import serve_in_thread
 
 DEADLINE_S = 20.0
 MODEL_ID = "tiny-stream"
@@ -152,20 +158,8 @@ def stream_server_app(*, send_usage: bool = True, fail_prompt: str | None = None
 
 @contextmanager
 def live_server(app: Starlette) -> Iterator[str]:
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
-                                           lifespan="off", timeout_graceful_shutdown=1))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + DEADLINE_S
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(DEADLINE_S)
+    with serve_in_thread(app) as url:
+        yield url
 
 
 @pytest.mark.parametrize("send_usage", [True, False], ids=["usage", "counted-deltas"])

@@ -17,6 +17,7 @@ from starlette.applications import Starlette
 from kevlard.admin_token import resolve_admin_token
 from kevlard.config import Config
 from kevlard.web.app import close_streams, create_app
+from tests.live_server import serve_in_thread
 from tests.web.fake_engine import FakeEngine
 
 DEADLINE_S = 10.0
@@ -28,21 +29,8 @@ def live_server(engine: FakeEngine, admin_token: str = TOKEN, *,
                 graceful_timeout: int | None = 1) -> Iterator[tuple[str, Starlette]]:
     """Serve create_app(engine, ...) with uvicorn in a thread; yield its base URL and the app."""
     app = create_app(engine, Config(), admin_token=admin_token)
-    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
-                                       lifespan="off", timeout_graceful_shutdown=graceful_timeout))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + DEADLINE_S
-    while not uv.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
-    port = uv.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}", app
-    finally:
-        close_streams(app)
-        uv.should_exit = True
-        thread.join(DEADLINE_S)
+    with serve_in_thread(app, graceful_timeout, before_stop=lambda: close_streams(app)) as url:
+        yield url, app
 
 
 @pytest.fixture

@@ -2,20 +2,18 @@
 from __future__ import annotations
 
 import json
-import threading
-import time
 from contextlib import contextmanager
 from typing import Iterator
 
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from kevlard.api_types import EngineDeadError, NoRouteError, QueueFullError
 from kevlard.config import Config, ServerConfig
 from kevlard.web.app import create_app
 from kevlard.web.openai_api import _token_ids
+from tests.live_server import serve_in_thread
 from tests.web.fake_engine import FakeEngine
 
 DEADLINE_S = 10.0
@@ -24,21 +22,8 @@ DEADLINE_S = 10.0
 @contextmanager
 def live_server(engine: FakeEngine, **server: object) -> Iterator[str]:
     """Serve create_app(engine, config) with uvicorn in a thread; yield its base URL."""
-    app = create_app(engine, Config(server=ServerConfig(**server)))
-    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
-                                       lifespan="off", timeout_graceful_shutdown=1))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + DEADLINE_S
-    while not uv.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
-    port = uv.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        uv.should_exit = True
-        thread.join(DEADLINE_S)
+    with serve_in_thread(create_app(engine, Config(server=ServerConfig(**server)))) as url:
+        yield url
 
 
 @pytest.fixture

@@ -58,6 +58,14 @@ class EngineDeadError(EngineError):
     code = "engine_dead"
 
 
+class RequestFailedError(EngineError):
+    """The request's micro-batches kept failing; the daemon gave up on it. Retrying may work."""
+    status = 503
+    type = "service_unavailable"
+    code = "request_failed"
+    retry_after = 1.0
+
+
 class ShuttingDownError(EngineError):
     status = 503
     type = "service_unavailable"

@@ -11,8 +11,8 @@ import time
 from typing import AsyncIterator
 
 from kevlard import messages as m
-from kevlard.api_types import (EngineDeadError, NoRouteError, QueueFullError, SamplingParams,
-                               ShuttingDownError, TokenDelta)
+from kevlard.api_types import (EngineDeadError, NoRouteError, QueueFullError, RequestFailedError,
+                               SamplingParams, ShuttingDownError, TokenDelta)
 from kevlard.cluster import Cluster
 from kevlard.events import EventLog
 from kevlard.scheduler.request import Request
@@ -202,8 +202,24 @@ class KevlarEngine:
         entry = self._dispatched.pop(step_id, None)
         if entry is not None:
             self.stats["steps_failed"] += 1
-            self.scheduler.fail_step(step_id)
+            self._give_up_on_repeated_failures(self.scheduler.fail_step(step_id))
             asyncio.get_running_loop().call_soon(self._pump, entry[0].pipeline)
+
+    MAX_FAILED_STEPS = 20
+
+    def _give_up_on_repeated_failures(self, req_ids: list[int]) -> None:
+        """A request whose micro-batches keep failing on a live route ends with a retryable
+        error instead of being retried forever."""
+        for rid in req_ids:
+            req = self.scheduler.requests.get(rid)
+            if req is None or req.failed_steps < self.MAX_FAILED_STEPS:
+                continue
+            self.events.emit("request_failed", None, level=logging.ERROR, request=rid,
+                             failed_steps=req.failed_steps)
+            self.scheduler.abort(rid)
+            q = self._streams.get(rid)
+            if q is not None:
+                q.put_nowait(RequestFailedError(f"the request failed {req.failed_steps} times in a row; retry it"))
 
     def write_off_pipeline_steps(self, pipeline: int) -> None:
         for step_id, (plan, _, _) in list(self._dispatched.items()):

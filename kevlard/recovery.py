@@ -317,6 +317,8 @@ class Recovery:
             await asyncio.gather(*(cluster.open_link(a, b) for a, b in zip(new, new[1:])))
         except Exception as e:
             self.events.emit("restart_failed", None, level=logging.ERROR, pipeline=p, error=str(e))
+            for wid in new:
+                cluster.fence(wid, "restart_failed")
             self._restarting.discard(p)
             return
         self._restarting.discard(p)

@@ -186,7 +186,7 @@ def test_killed_worker_and_crashed_daemon_leave_no_shared_memory(tiny_dir, tmp_p
     while time.monotonic() < deadline and os.path.exists(f"/proc/{workers[1]['pid']}"):
         time.sleep(0.1)
     assert not os.path.exists(f"/proc/{workers[1]['pid']}")
-    # ... and the next daemon removes the stale segment at start
-    with running_daemon(args, tmp_path) as second:
-        assert "stale shared-memory" in second.log()
-    assert shm_segments(daemon.proc.pid) == []
+    # ... and the next daemon start removes the stale segment (any daemon started on this machine
+    # cleans up after dead ones; in a lone test run it is this one, and its log says so)
+    with running_daemon(args, tmp_path):
+        assert shm_segments(daemon.proc.pid) == []

@@ -31,6 +31,7 @@ class Request:
     pipeline: int | None = None
     in_flight: bool = False  # part of a micro-batch that has not come back yet
     step_id: int | None = None  # that micro-batch: a late answer or write-off of an older one is ignored
+    failed_steps: int = 0  # micro-batches of it lost in a row; past a limit it ends with an error
     finish_reason: str | None = None
     num_preemptions: int = 0
     replicated: dict[int, int] = field(default_factory=dict)  # stage -> tokens whose KV the buddy holds

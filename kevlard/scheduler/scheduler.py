@@ -180,6 +180,7 @@ class Scheduler:
                 continue  # aborted while in flight, or rescheduled since (after a failover)
             req.in_flight = False
             req.step_id = None
+            req.failed_steps = 0
             req.num_computed_tokens = c.start + c.num_tokens
             if not c.sample:
                 continue
@@ -202,6 +203,7 @@ class Scheduler:
             if req is not None and not req.is_finished and req.step_id == step_id:
                 req.in_flight = False
                 req.step_id = None
+                req.failed_steps += 1
                 ids.append(req.id)
         return ids
 

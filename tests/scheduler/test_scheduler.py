@@ -179,3 +179,13 @@ def test_replica_watermark_grows_only_over_contiguous_spans():
     s.on_replica_ack(0, 1, ((1, 8, 9),))
     assert s.requests[1].replicated[1] == 9
     assert s.resume_after_failover(0, 1) == [(1, "replica", 0)]
+
+
+def test_failed_steps_are_counted_until_one_succeeds():
+    s = make()
+    s.add(req(1, prompt_len=3, max_tokens=5))
+    for expected in (1, 2, 3):
+        s.fail_step(s.schedule(0).step_id)
+        assert s.requests[1].failed_steps == expected
+    run_step(s, 0)
+    assert s.requests[1].failed_steps == 0

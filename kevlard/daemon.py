@@ -188,6 +188,7 @@ async def _run_http(config: Config, engine, t0: float, after_ready) -> int:
         if server.should_exit:
             server.force_exit = True  # a second signal: do not wait for the drain
         server.should_exit = True
+        engine.begin_shutdown()  # /ready says 503 while in-flight requests drain
         close_streams(app)  # open /api/events streams must not hold the shutdown
         notifier.notify("STOPPING=1", f"STATUS={status()}")
         log.info("shutting down: no new connections, draining in-flight requests")

@@ -311,6 +311,10 @@ class KevlarEngine:
 
     # ---------------------------------------------------------------- shutdown
 
+    def begin_shutdown(self) -> None:
+        """No new requests; those in flight go on (the HTTP server drains them)."""
+        self._shutting_down = True
+
     async def drain(self, timeout_s: float) -> None:
         """Stop taking requests; wait up to timeout_s for the accepted ones to finish."""
         self._shutting_down = True

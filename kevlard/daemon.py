@@ -129,7 +129,12 @@ async def _load_and_serve(config: Config, topo, cluster, t0: float) -> int:
              source.name, spec.num_layers, spec.hidden_size, topo.pipelines, topo.stages,
              [f"{a}-{b - 1}" for a, b in bounds], topo.spares, topo.kind)
 
-    store = await asyncio.to_thread(HostWeightStore.create, source, config.model.dtype, "")
+    creating = asyncio.ensure_future(asyncio.to_thread(HostWeightStore.create, source, config.model.dtype, ""))
+    try:
+        store = await asyncio.shield(creating)
+    except asyncio.CancelledError:  # SIGTERM while copying: let the copy end, then free the segment
+        (await creating).close()
+        raise
     try:
         log.info("host weight store: %.1f MB in %s", store.nbytes / 2 ** 20, store.path)
         kv_dtype_size = 4 if config.model.dtype in ("float16", "bfloat16") else 8  # gpu/kv_cache.attention_dtype

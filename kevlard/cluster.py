@@ -60,7 +60,7 @@ class Cluster:
         self.stopping = False
         self.act_pairs: set[tuple[int, int]] = set()  # activation links open, (upstream, downstream)
         self._cmd_ids = itertools.count(1)
-        self._pending: dict[int, asyncio.Future] = {}
+        self._pending: dict[int, tuple[int, asyncio.Future]] = {}  # cmd_id -> (worker, reply)
         self._store = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.on_message: Callable[[int, object], None] = lambda wid, msg: None

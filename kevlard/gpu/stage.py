@@ -31,6 +31,36 @@ def tiled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return out[:rows]
 
 
+def _onednn_packs(weight: torch.Tensor) -> bool:
+    return (weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+
+class Linear:
+    """x @ weight.T (+ bias) on fixed tiles of TILE rows, like `tiled_linear`.
+
+    On CPU the weight is reordered once into oneDNN's blocked layout (a private copy, made when
+    the stage is hosted): at decode batch sizes oneDNN on packed weights is 2-2.5x faster than
+    MKL's sgemm on the row-major ones (16 rows x 40 weights of 3072x576, one thread: 16.8 vs
+    42.2 ms), and a row's result is just as independent of the rows around it (tests/gpu)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        self.bias = bias
+        self.out_features, self.in_features = weight.shape
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous()) if _onednn_packs(weight) else None
+        self.weight = None if self.packed is not None else weight
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is None:
+            return tiled_linear(x, self.weight, self.bias)
+        rows = x.shape[0]
+        padded = -(-rows // TILE) * TILE
+        if padded != rows:
+            x = torch.cat([x, x.new_zeros(padded - rows, x.shape[1])])
+        out = torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.bias, "none", [], "")
+        return out[:rows]
+
+
 def fuse_rows(parts: list[torch.Tensor]) -> torch.Tensor:
     """Stack matrices (or vectors) along dim 0; a view when they already lie back to back in
     memory (the host weight store lays q/k/v and gate/up out that way), else a copy."""
@@ -86,23 +116,23 @@ class StageModel:
         self.device = torch.device(device)
         self.dtype = next(iter(weights.values())).dtype
         self.inv_freq = torch.tensor(spec.rope_inv_freq, dtype=torch.float32, device=self.device)
-        self.lm_head = None
-        self.fused: dict[str, torch.Tensor | None] = {}
+        self.lm_head: Linear | None = None
+        self.linears: dict[str, Linear] = {}
         for layer in self.layers:
             p = f"model.layers.{layer}."
             qkv = [p + f"self_attn.{x}_proj" for x in "qkv"]
-            self.fused[p + "qkv.weight"] = fuse_rows([weights[n + ".weight"] for n in qkv])
             biases = [weights.get(n + ".bias") for n in qkv]
-            self.fused[p + "qkv.bias"] = fuse_rows(biases) if all(b is not None for b in biases) else None
-            self.fused[p + "gate_up.weight"] = fuse_rows([weights[p + "mlp.gate_proj.weight"],
-                                                          weights[p + "mlp.up_proj.weight"]])
+            self.linears[p + "qkv"] = Linear(fuse_rows([weights[n + ".weight"] for n in qkv]),
+                                             fuse_rows(biases) if all(b is not None for b in biases) else None)
+            self.linears[p + "o"] = Linear(weights[p + "self_attn.o_proj.weight"], weights.get(p + "self_attn.o_proj.bias"))
+            gate_up_bias = None
             if p + "mlp.gate_proj.bias" in weights:
-                self.fused[p + "gate_up.bias"] = fuse_rows([weights[p + "mlp.gate_proj.bias"],
-                                                            weights[p + "mlp.up_proj.bias"]])
-            else:
-                self.fused[p + "gate_up.bias"] = None
+                gate_up_bias = fuse_rows([weights[p + "mlp.gate_proj.bias"], weights[p + "mlp.up_proj.bias"]])
+            self.linears[p + "gate_up"] = Linear(fuse_rows([weights[p + "mlp.gate_proj.weight"],
+                                                            weights[p + "mlp.up_proj.weight"]]), gate_up_bias)
+            self.linears[p + "down"] = Linear(weights[p + "mlp.down_proj.weight"], weights.get(p + "mlp.down_proj.bias"))
         if is_last:
-            self.lm_head = weights.get("lm_head.weight", weights.get("model.embed_tokens.weight"))
+            self.lm_head = Linear(weights.get("lm_head.weight", weights.get("model.embed_tokens.weight")))
 
     # ---------------------------------------------------------------- pieces
 
@@ -145,7 +175,7 @@ class StageModel:
         p = f"model.layers.{layer}."
         T = h.shape[0]
         x = rms_norm(h, w[p + "input_layernorm.weight"], spec.rms_norm_eps)
-        qkv = tiled_linear(x, self.fused[p + "qkv.weight"], self.fused[p + "qkv.bias"])
+        qkv = self.linears[p + "qkv"](x)
         nq, nkv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
         q = qkv[:, :nq].reshape(T, spec.num_heads, spec.head_dim)
         k = qkv[:, nq:nq + nkv].reshape(T, spec.num_kv_heads, spec.head_dim)
@@ -155,11 +185,11 @@ class StageModel:
         k = k * c + rotate_half(k) * s
         kv.write(li, slots_new, k, v)
         attn = self._attention(kv, li, q, chunks).reshape(T, spec.num_heads * spec.head_dim)
-        h = h + tiled_linear(attn, w[p + "self_attn.o_proj.weight"], w.get(p + "self_attn.o_proj.bias"))
+        h = h + self.linears[p + "o"](attn)
         x = rms_norm(h, w[p + "post_attention_layernorm.weight"], spec.rms_norm_eps)
-        gate_up = tiled_linear(x, self.fused[p + "gate_up.weight"], self.fused[p + "gate_up.bias"])
+        gate_up = self.linears[p + "gate_up"](x)
         gate, up = gate_up.split(spec.intermediate_size, dim=1)
-        return h + tiled_linear(F.silu(gate) * up, w[p + "mlp.down_proj.weight"], w.get(p + "mlp.down_proj.bias"))
+        return h + self.linears[p + "down"](F.silu(gate) * up)
 
     # ---------------------------------------------------------------- the step
 
@@ -179,4 +209,4 @@ class StageModel:
     def logits(self, hidden_rows: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head for the rows that sample: [S, H] -> [S, V] in float32."""
         x = rms_norm(hidden_rows, self.w["model.norm.weight"], self.spec.rms_norm_eps)
-        return tiled_linear(x, self.lm_head).to(torch.float32)
+        return self.lm_head(x).to(torch.float32)

@@ -2,10 +2,11 @@
 in the batch, where it sits, or whether its tokens were computed as one chunk or one by one."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from kevlard.gpu.kv_cache import KVCache, attention_dtype
-from kevlard.gpu.stage import ChunkView, StageModel, tiled_linear
+from kevlard.gpu.stage import ChunkView, Linear, StageModel, tiled_linear
 from kevlard.gpu.weight_store import attach_stage, HostWeightStore
 from kevlard.model_source import resolve_model
 from tests.tiny_models import make_tiny_model
@@ -43,15 +44,24 @@ def run_chunks(stage, requests, plan):
     return {name: torch.cat(r) for name, r in rows.items()}
 
 
-def test_linear_rows_do_not_depend_on_the_batch():
+@pytest.mark.parametrize("kind", ["tiled", "packed"])
+def test_linear_rows_do_not_depend_on_the_batch(kind):
     torch.manual_seed(0)
-    w = torch.randn(96, 64)
-    x = torch.randn(40, 64)
-    alone = tiled_linear(x[:1], w)
-    for m in (2, 7, 16, 17, 40):
-        assert torch.equal(tiled_linear(x[:m], w)[:1], alone)
-    moved = torch.cat([torch.randn(5, 64), x[:1]])
-    assert torch.equal(tiled_linear(moved, w)[5:], alone)
+    w, b = torch.randn(96, 64), torch.randn(96)
+    linear = (lambda x: tiled_linear(x, w, b)) if kind == "tiled" else Linear(w, b)
+    x = torch.randn(300, 64)
+    alone = linear(x[:1])
+    for m in (2, 7, 16, 17, 40, 255, 300):
+        assert torch.equal(linear(x[:m])[:1], alone)
+    for before in (5, 16, 100):
+        moved = torch.cat([torch.randn(before, 64), x[:1]])
+        assert torch.equal(linear(moved)[before:], alone)
+    assert torch.allclose(alone, x[:1] @ w.t() + b, rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_weights_are_packed_for_onednn_when_available():
+    linear = Linear(torch.randn(32, 16))
+    assert (linear.packed is not None) == torch.backends.mkldnn.is_available()
 
 
 def test_request_alone_equals_request_in_a_crowd_and_chunked_equals_decoded(tmp_path):

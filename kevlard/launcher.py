@@ -1,7 +1,10 @@
 """How worker processes are started and talked to: the one small interface a Ray launcher would replace.
 
-`LocalLauncher.spawn` starts one `torch.multiprocessing` spawn process per device and returns a
-`WorkerHandle`: send a message, get every reply through a callback, watch the process sentinel.
+`LocalLauncher.spawn` starts one process per device and returns a `WorkerHandle`: send a message,
+get every reply through a callback, watch the process sentinel. Workers are forked by a
+multiprocessing fork server that imported torch once (safe with CUDA: the server never touches a
+device), so N workers cost one torch import, not N concurrent ones on the same cores; where the
+platform has no fork server, they are spawned.
 """
 from __future__ import annotations
 
@@ -92,7 +95,11 @@ class LocalLauncher:
     def __init__(self, heartbeat_interval_s: float):
         import torch.multiprocessing as tmp
 
-        self._ctx = tmp.get_context("spawn")
+        if "forkserver" in tmp.get_all_start_methods():
+            self._ctx = tmp.get_context("forkserver")
+            self._ctx.set_forkserver_preload(["torch", "kevlard.gpu.worker"])
+        else:
+            self._ctx = tmp.get_context("spawn")
         self.heartbeat_interval_s = heartbeat_interval_s
 
     def spawn(self, worker_id: int, device: str, num_threads: int) -> WorkerHandle:

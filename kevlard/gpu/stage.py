@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from kevlard.gpu.kv_cache import KVCache
 
-TILE = 16
+TILE = 16  # rows per tile for torch.mm (MKL on CPU, cuBLAS)
+PACKED_TILE = 8  # rows per tile for oneDNN on packed weights (bitwise invariant at 8, tests/gpu)
 
 
 def tiled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -37,7 +38,7 @@ def _onednn_packs(weight: torch.Tensor) -> bool:
 
 
 class Linear:
-    """x @ weight.T (+ bias) on fixed tiles of TILE rows, like `tiled_linear`.
+    """x @ weight.T (+ bias) on fixed tiles of rows, like `tiled_linear`.
 
     On CPU the weight is reordered once into oneDNN's blocked layout (a private copy, made when
     the stage is hosted): at decode batch sizes oneDNN on packed weights is 2-2.5x faster than
@@ -54,7 +55,7 @@ class Linear:
         if self.packed is None:
             return tiled_linear(x, self.weight, self.bias)
         rows = x.shape[0]
-        padded = -(-rows // TILE) * TILE
+        padded = -(-rows // PACKED_TILE) * PACKED_TILE
         if padded != rows:
             x = torch.cat([x, x.new_zeros(padded - rows, x.shape[1])])
         out = torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.bias, "none", [], "")

@@ -28,6 +28,7 @@ class TokenDelta:
     """New tokens of one request; the last delta carries finish_reason."""
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" (end of sequence) | "length" (max_tokens / context)
+    num_cached_tokens: int | None = None  # on the first delta: prompt tokens served from the prefix cache
 
 
 class EngineError(Exception):

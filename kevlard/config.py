@@ -62,6 +62,7 @@ class KVConfig:
     memory_mb: int = 256  # per worker, when num_blocks is 0
     replication: bool = True
     replica_fraction: float = 0.5
+    prefix_caching: bool = True
 
 
 @dataclass(frozen=True)

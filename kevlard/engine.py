@@ -43,7 +43,8 @@ class KevlarEngine:
         topo = cluster.topology
         self.microbatches = sc.microbatches or default_microbatches(topo)
         self.scheduler = Scheduler(topo.pipelines, num_blocks, config.kv.block_size, sc.max_batch_tokens,
-                                   sc.max_running, sc.max_waiting)
+                                   sc.max_running, sc.max_waiting, config.kv.prefix_caching,
+                                   topo.stages if cluster.replication else 0)
         self._streams: dict[int, asyncio.Queue] = {}
         self._ids = itertools.count(1)
         self._dispatched: dict[int, tuple[StepPlan, float, int]] = {}  # step_id -> (plan, sent_at, last worker)
@@ -90,12 +91,14 @@ class KevlarEngine:
                 while not isinstance(delta, BaseException) and delta.finish_reason is None and not queue.empty():
                     more = queue.get_nowait()
                     delta = more if isinstance(more, BaseException) else \
-                        TokenDelta(delta.token_ids + more.token_ids, more.finish_reason)
+                        TokenDelta(delta.token_ids + more.token_ids, more.finish_reason,
+                                   delta.num_cached_tokens if delta.num_cached_tokens is not None
+                                   else more.num_cached_tokens)
                 if isinstance(delta, BaseException):
                     raise delta
                 finished = delta.finish_reason is not None
                 if tracked is not None:
-                    tracked.tokens(len(delta.token_ids), delta.finish_reason)
+                    tracked.tokens(len(delta.token_ids), delta.finish_reason, delta.num_cached_tokens)
                 yield delta
                 if finished:
                     return
@@ -273,7 +276,7 @@ class KevlarEngine:
                     self.stats["requests_finished"] += 1
                 q = self._streams.get(u.req_id)
                 if q is not None:
-                    q.put_nowait(TokenDelta(list(u.new_token_ids), u.finish_reason))
+                    q.put_nowait(TokenDelta(list(u.new_token_ids), u.finish_reason, u.num_cached_tokens))
             self._pump(plan.pipeline)
         elif isinstance(msg, m.StepFailed):
             log.warning("worker %d failed step %d: %s", wid, msg.step_id, msg.error.splitlines()[0])

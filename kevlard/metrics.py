@@ -48,6 +48,11 @@ class Metrics:
                                      model, registry=r).labels(model_name)
         self.generation_tokens = Counter("vllm:generation_tokens", "Number of generation tokens processed.",
                                          model, registry=r).labels(model_name)
+        self.prefix_cache_queries = Counter("vllm:prefix_cache_queries",
+                                            "Prompt tokens looked up in the prefix cache.",
+                                            model, registry=r).labels(model_name)
+        self.prefix_cache_hits = Counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
+                                         model, registry=r).labels(model_name)
         self.request_success = Counter("vllm:request_success", "Count of successfully processed requests.",
                                        ["model_name", "finished_reason"], registry=r)
         self.ttft = Histogram("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.",
@@ -135,13 +140,15 @@ class RequestMetrics:
         self._last: float | None = None
         self._finished = False
 
-    def tokens(self, n: int, finish_reason: str | None = None) -> None:
+    def tokens(self, n: int, finish_reason: str | None = None, cached_tokens: int | None = None) -> None:
         now = time.monotonic()
         m = self._m
         if n > 0:
             if self._last is None:
                 m.ttft.observe(now - self._arrival)
                 m.prompt_tokens.inc(self._num_prompt)
+                m.prefix_cache_queries.inc(self._num_prompt)
+                m.prefix_cache_hits.inc(cached_tokens or 0)
             else:
                 for _ in range(n):
                     m.itl.observe((now - self._last) / n)

@@ -80,3 +80,32 @@ def test_greedy_equals_transformers(models, model, topology, tmp_path):
     assert len(cluster["pipelines"]) == int(p)
     assert all(len(pl["route"]) == int(k) for pl in cluster["pipelines"])
     assert cluster["num_running"] == 0 and cluster["kv_usage"] == 0.0
+
+
+@pytest.mark.parametrize("topology", ["1x2", "2x2"])
+def test_a_shared_prompt_prefix_is_served_from_the_cache_with_the_same_answers(models, topology, tmp_path):
+    """2x2 replicates KV: there a block is shared once both stages' buddies hold it."""
+    model_dir = models["llama"]
+    rng = random.Random(5)
+    system = [rng.randrange(3, 300) for _ in range(21)]  # 5 full blocks of 4, and one more token
+    ps = [system + [rng.randrange(3, 300) for _ in range(n)] for n in (3, 6, 1, 9)]
+    expected = [until_eos(t) for t in hf_greedy(model_dir, ps)]
+    p, k = topology.split("x")
+    conf = tmp_path / "kevlard.toml"
+    conf.write_text("[kv]\nblock_size = 4\nnum_blocks = 128\n[scheduler]\nmax_batch_tokens = 32\n")
+    args = ["--config", str(conf), "--model", str(model_dir), "--devices", f"cpu:{int(p) * int(k)}",
+            "--pipelines", p, "--stages", k, "--spares", "0"]
+    with running_daemon(args, tmp_path) as daemon, daemon.client() as client:
+        first = complete(client, ps[0])
+        cached = 0
+        for _ in range(100):  # the replica acks that make the blocks shareable come within ~50 ms
+            second = complete(client, ps[1])
+            cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+            if cached:
+                break
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            at_once = [r["choices"][0]["token_ids"] for r in pool.map(lambda ids: complete(client, ids), ps)]
+    assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert cached == 20
+    assert [first["choices"][0]["token_ids"], second["choices"][0]["token_ids"]] == expected[:2]
+    assert at_once == expected

@@ -25,6 +25,8 @@ VLLM_NAMES = {
     "vllm:inter_token_latency_seconds": "histogram",
     "vllm:prompt_tokens": "counter",
     "vllm:generation_tokens": "counter",
+    "vllm:prefix_cache_queries": "counter",
+    "vllm:prefix_cache_hits": "counter",
     "vllm:request_success": "counter",
 }
 KEVLARD_NAMES = {
@@ -103,6 +105,9 @@ def test_metrics_count_what_was_served_and_what_failed(model_dir, tmp_path):
         assert generated == 16
         assert m.value("vllm:generation_tokens_total", model_name=model) == generated
         assert m.value("vllm:prompt_tokens_total", model_name=model) == sum(u["prompt_tokens"] for u in usages)
+        assert m.value("vllm:prefix_cache_queries_total") == sum(u["prompt_tokens"] for u in usages)
+        assert m.value("vllm:prefix_cache_hits_total") == sum(
+            u["prompt_tokens_details"]["cached_tokens"] for u in usages)
         assert m.value("vllm:request_success_total", finished_reason="length") == 3
         assert m.value("vllm:request_success_total", finished_reason="stop") == 0
         assert m.value("vllm:time_to_first_token_seconds_count") == 3

@@ -35,6 +35,9 @@ class Request:
     finish_reason: str | None = None
     num_preemptions: int = 0
     replicated: dict[int, int] = field(default_factory=dict)  # stage -> tokens whose KV the buddy holds
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at its (last) admission
+    block_keys: list[tuple] = field(default_factory=list)  # prefix-cache keys of its full blocks
+    published_blocks: int = 0  # its leading blocks already in the prefix cache (or taken from it)
 
     @property
     def num_tokens(self) -> int:

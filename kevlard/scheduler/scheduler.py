@@ -3,7 +3,8 @@
 `schedule(pipeline)` returns the next micro-batch for a pipeline (a `StepPlan`), and
 `update_from_output(step_id, sampled)` takes its sampled tokens back. Continuous batching under a
 token budget: decodes first, then prefill chunks; admission by free KV blocks; preemption by
-recompute when blocks run out. No torch here: it is tested with plain integers.
+recompute when blocks run out; prefix caching of full blocks (see block_manager.py). No torch
+here: it is tested with plain integers.
 """
 from __future__ import annotations
 
@@ -32,16 +33,22 @@ class RequestUpdate:
     req_id: int
     new_token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+    num_cached_tokens: int | None = None  # with the first token: prompt tokens served from the cache
 
 
 class Scheduler:
     def __init__(self, num_pipelines: int, num_blocks: int, block_size: int, max_batch_tokens: int,
-                 max_running: int, max_waiting: int):
+                 max_running: int, max_waiting: int, prefix_caching: bool = True,
+                 replicated_stages: int = 0):
+        """`replicated_stages`: with KV replication, the number of stages per pipeline; a block is
+        then shared only once every stage's buddy holds it, so a request that starts from shared
+        blocks has a replica of them from its first step."""
         self.block_size = block_size
         self.max_batch_tokens = max_batch_tokens
         self.max_running = max_running
         self.max_waiting = max_waiting
-        self.blocks = [BlockManager(num_blocks, block_size) for _ in range(num_pipelines)]
+        self.replicated_stages = replicated_stages
+        self.blocks = [BlockManager(num_blocks, block_size, prefix_caching) for _ in range(num_pipelines)]
         self.active = [True] * num_pipelines  # a pipeline without a complete route takes no requests
         self.requests: dict[int, Request] = {}
         self.waiting: deque[Request] = deque()
@@ -104,14 +111,20 @@ class Scheduler:
     def _admit(self) -> None:
         while self.waiting:
             req = self.waiting[0]
-            choices = [p for p in range(self.num_pipelines)
-                       if self.active[p] and len(self.running[p]) < self.max_running
-                       and self.blocks[p].can_allocate(req, req.num_tokens + 1)]
+            hits = {p: self.blocks[p].match_prefix(req) for p in range(self.num_pipelines) if self.active[p]}
+            choices = [p for p in hits if len(self.running[p]) < self.max_running
+                       and self.blocks[p].can_admit(req, hits[p], req.num_tokens + 1)]
             if not choices:
                 return
-            p = min(choices, key=lambda q: (len(self.running[q]), -self.blocks[q].num_free_blocks))
+            p = min(choices, key=lambda q: (len(self.running[q]), -len(hits[q]), -self.blocks[q].num_free_blocks))
             self.waiting.popleft()
+            self.blocks[p].attach(req, hits[p])
             self.blocks[p].allocate(req, req.num_tokens + 1)  # the whole prompt and the first output
+            cached = len(hits[p]) * self.block_size
+            req.num_computed_tokens = cached
+            req.num_cached_tokens = cached
+            if self.replicated_stages:
+                req.replicated = {s: cached for s in range(self.replicated_stages)}
             req.pipeline = p
             req.status = Status.RUNNING
             self.running[p].append(req)
@@ -182,12 +195,15 @@ class Scheduler:
             req.step_id = None
             req.failed_steps = 0
             req.num_computed_tokens = c.start + c.num_tokens
+            if not self.replicated_stages:
+                self.blocks[req.pipeline].publish(req, req.num_computed_tokens)
             if not c.sample:
                 continue
             token = sampled[c.req_id]
             req.output_token_ids.append(token)
             reason = req.finish_reason_after(token)
-            updates.append(RequestUpdate(req.id, [token], reason))
+            first = len(req.output_token_ids) == 1
+            updates.append(RequestUpdate(req.id, [token], reason, req.num_cached_tokens if first else None))
             if reason is not None:
                 self._finish(req, reason)
         return updates
@@ -210,6 +226,7 @@ class Scheduler:
     def deactivate(self, pipeline: int) -> None:
         """The pipeline lost its route: its requests go back to waiting and recompute elsewhere."""
         self.active[pipeline] = False
+        self.blocks[pipeline].drop_cache()
         for req in list(self.running[pipeline]):
             req.in_flight = False
             self._preempt(req)
@@ -218,8 +235,10 @@ class Scheduler:
         self.active[pipeline] = True
 
     def pause(self, pipeline: int) -> None:
-        """No new micro-batches or admissions on the pipeline; its requests keep their blocks."""
+        """No new micro-batches or admissions on the pipeline; its requests keep their blocks.
+        Recovery pauses a pipeline before its KV moves: its prefix cache is dropped."""
         self.active[pipeline] = False
+        self.blocks[pipeline].drop_cache()
 
     def on_replica_ack(self, pipeline: int, stage: int, spans: tuple[tuple[int, int, int], ...]) -> None:
         """(req_id, start, end): the holder stored tokens [start, end). The watermark only grows
@@ -231,9 +250,13 @@ class Scheduler:
             mark = req.replicated.get(stage, 0)
             if start <= mark:
                 req.replicated[stage] = max(mark, end)  # resume never goes past num_computed_tokens
+                if self.replicated_stages:
+                    held = min(req.replicated.get(s, 0) for s in range(self.replicated_stages))
+                    self.blocks[pipeline].publish(req, min(held, req.num_computed_tokens))
 
     def forget_replicas(self, pipeline: int, stage: int) -> None:
         """The replica of (pipeline, stage) is gone (its holder died, or it became the only copy)."""
+        self.blocks[pipeline].drop_cache()  # its blocks were published as replicated
         for req in self.running[pipeline]:
             req.replicated.pop(stage, None)
 
@@ -241,6 +264,7 @@ class Scheduler:
         """The stage's KV of the pipeline's requests now comes from the buddy's replica: each
         request recomputes only the tokens past its replicated watermark (all of them, a replay,
         without one). Returns (req_id, "replica" | "replay", tokens recomputed)."""
+        self.blocks[pipeline].drop_cache()
         out = []
         for req in self.running[pipeline]:
             req.in_flight = False
@@ -253,11 +277,12 @@ class Scheduler:
 
     def mark_replicated(self, pipeline: int, stage: int) -> None:
         """The stage's KV was handed over whole: the holder's replica is complete again."""
+        self.blocks[pipeline].drop_cache()
         for req in self.running[pipeline]:
             req.replicated[stage] = req.num_computed_tokens
 
     def block_ids_of(self, pipeline: int) -> list[int]:
-        return sorted(b for req in self.running[pipeline] for b in req.block_ids)
+        return sorted({b for req in self.running[pipeline] for b in req.block_ids})  # shared ones once
 
     def in_flight_on(self, pipeline: int) -> int:
         return sum(1 for plan in self.in_flight.values() if plan.pipeline == pipeline)

@@ -152,10 +152,12 @@ class _Generation:
         self._detok = IncrementalDetokenizer(engine.tokenizer, req.stop, req.prompt_ids)
         self.finish_reason: str | None = None
         self.token_ids: list[int] = []
+        self.cached_tokens = 0
 
     async def start(self) -> None:
         self._deltas = self._engine.generate(self._request_id, self._req.prompt_ids, self._req.params)
         self._first = await self._next_delta()
+        self.cached_tokens = self._first.num_cached_tokens or 0
 
     async def _next_delta(self) -> TokenDelta:
         try:
@@ -188,7 +190,8 @@ class _Generation:
     def usage(self) -> dict:
         prompt, completion = len(self._req.prompt_ids), self._detok.num_tokens
         return {"prompt_tokens": prompt, "completion_tokens": completion,
-                "total_tokens": prompt + completion}
+                "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
 
     async def close(self) -> None:
         deltas, self._deltas = self._deltas, None

@@ -6,8 +6,10 @@ from kevlard.scheduler.request import Request
 from kevlard.scheduler.scheduler import Scheduler
 
 
-def make(num_pipelines=1, num_blocks=16, block_size=4, budget=8, max_running=8, max_waiting=4):
-    return Scheduler(num_pipelines, num_blocks, block_size, budget, max_running, max_waiting)
+def make(num_pipelines=1, num_blocks=16, block_size=4, budget=8, max_running=8, max_waiting=4,
+         prefix_caching=True, replicated_stages=0):
+    return Scheduler(num_pipelines, num_blocks, block_size, budget, max_running, max_waiting, prefix_caching,
+                     replicated_stages)
 
 
 def req(rid, prompt_len=6, max_tokens=3, arrival=None, eos=frozenset({99})):
@@ -92,8 +94,9 @@ def test_admission_waits_for_free_blocks():
     assert s.num_waiting() == 1
 
 
-def test_preemption_by_recompute_when_blocks_run_out():
-    s = make(num_blocks=4, block_size=4, budget=64)
+@pytest.mark.parametrize("prefix_caching", [False, True])
+def test_preemption_by_recompute_when_blocks_run_out(prefix_caching):
+    s = make(num_blocks=4, block_size=4, budget=64, prefix_caching=prefix_caching)
     s.add(req(1, prompt_len=7, max_tokens=20))
     s.add(req(2, prompt_len=7, max_tokens=20))
     run_step(s, 0)  # both prefilled: 2 blocks each (8 tokens), all 4 used
@@ -107,7 +110,10 @@ def test_preemption_by_recompute_when_blocks_run_out():
     # request 2 resumes by recomputing prompt + its output when 1 is done
     s.abort(1)
     plan, updates = run_step(s, 0, token=8)
-    assert plan.chunks[0].token_ids == tuple(range(1, 8)) + (7, 7)
+    if prefix_caching:  # its two full blocks (prompt + first output) were kept in the cache
+        assert (plan.chunks[0].start, plan.chunks[0].token_ids) == (8, (7,))
+    else:
+        assert plan.chunks[0].token_ids == tuple(range(1, 8)) + (7, 7)
     assert plan.chunks[0].output_index == 2
     assert updates[0].new_token_ids == [8]
 

@@ -84,7 +84,8 @@ def test_chat_completion(client, engine):
     assert call.request_id == body["id"]
     reply_tokens = len(engine.tokenizer.encode("Hello world!")) + 1  # + end of sequence
     assert body["usage"] == {"prompt_tokens": len(expected_prompt), "completion_tokens": reply_tokens,
-                             "total_tokens": len(expected_prompt) + reply_tokens}
+                             "total_tokens": len(expected_prompt) + reply_tokens,
+                             "prompt_tokens_details": {"cached_tokens": 0}}
 
 
 @pytest.mark.parametrize("prompt", ["Say hi", ["Say hi"], "ids", ["ids"]])

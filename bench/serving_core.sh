@@ -10,7 +10,7 @@ OUT=docs/bench
 mkdir -p "$OUT"
 K=.venv/bin/kevlard
 BENCH=(--rate 8 --requests 40 --output-tokens 32 --no-ignore-eos --seed 0)
-wait_ready() { for _ in $(seq 1 600); do curl -sf "$1" >/dev/null 2>&1 && return 0; sleep 0.5; done; return 1; }
+wait_ready() { for _ in $(seq 1 3000); do curl -sf "$1" >/dev/null 2>&1 && return 0; sleep 0.05; done; return 1; }
 
 start=$(date +%s.%N)
 $K serve --port 8030 > "$OUT/kevlard-serve.log" 2>&1 &

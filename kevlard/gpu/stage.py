@@ -148,10 +148,12 @@ class StageModel:
 
     def _attention(self, kv: KVCache, li: int, q: torch.Tensor, chunks: list[ChunkView]) -> torch.Tensor:
         spec = self.spec
-        out = torch.empty_like(q)  # [T, H, hd]
+        # The KV cache is kept in the attention dtype already (see gpu/kv_cache.py).
+        q_all = q.to(kv.data.dtype).transpose(0, 1)  # [H, T, hd]
+        outs = []
         for c in chunks:
             k_all, v_all = kv.read(li, c.slots_all)  # [ctx, kvh, hd]
-            qc = q[c.offset:c.offset + c.num_tokens].transpose(0, 1)  # [H, n, hd]
+            qc = q_all[:, c.offset:c.offset + c.num_tokens]  # [H, n, hd]
             kc = k_all.transpose(0, 1)
             vc = v_all.transpose(0, 1)
             mask = None
@@ -163,12 +165,11 @@ class StageModel:
             # orders, and the float32 results would differ in their last bits. In float64 the
             # difference is ~2^-52, which rounding to float32 almost always erases, so a request
             # recomputed after a failure gets the same numbers it had before.
-            # The KV cache is kept in the attention dtype already (see gpu/kv_cache.py).
-            o = F.scaled_dot_product_attention(qc.unsqueeze(0).to(kc.dtype), kc.unsqueeze(0),
-                                               vc.unsqueeze(0), attn_mask=mask,
+            o = F.scaled_dot_product_attention(qc.unsqueeze(0), kc.unsqueeze(0), vc.unsqueeze(0), attn_mask=mask,
                                                enable_gqa=spec.num_kv_heads != spec.num_heads)
-            out[c.offset:c.offset + c.num_tokens] = o[0].transpose(0, 1).to(out.dtype)
-        return out
+            outs.append(o[0])  # [H, n, hd]
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+        return out.transpose(0, 1).to(q.dtype)  # [T, H, hd]
 
     def _layer(self, kv: KVCache, layer: int, li: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                chunks: list[ChunkView], slots_new: torch.Tensor) -> torch.Tensor:

@@ -209,19 +209,23 @@ class Recovery:
                 links.append(cluster.ensure_link(route[s - 1], spare))
             if s + 1 < len(route) and cluster.workers[route[s + 1]].state == "healthy":
                 links.append(cluster.ensure_link(spare, route[s + 1]))
-            await asyncio.gather(*links)
-            # hand the KV back: hold the pipeline, let its in-flight steps land, copy, switch
             current = route[s]
+            hand_back = cluster.pool(p, s) == "replica" and cluster.workers[current].state == "healthy"
+            if hand_back:
+                links.append(cluster.open_link(current, spare, "xfer"))
+            # every link the switch needs is opened while the pipeline still serves
+            await asyncio.gather(*links)
+            switch_replicas = await self._rewire_replicas(p, s, spare, current)
+            # hand the KV back: hold the pipeline, let its in-flight steps land, copy, switch
             self._hold(p)
             held = True
             while sched.in_flight_on(p):
                 await asyncio.sleep(0.002)
             handed_back = False
-            if cluster.pool(p, s) == "replica" and cluster.workers[current].state == "healthy":
+            if hand_back and cluster.pool(p, s) == "replica" and cluster.workers[current].state == "healthy":
                 blocks = tuple(sched.block_ids_of(p))
                 try:
                     if blocks:
-                        await cluster.open_link(current, spare, "xfer")
                         await asyncio.gather(
                             cluster.command(current, m.MoveKV(cluster.next_cmd_id(), spare, "send", "replica", blocks)),
                             cluster.command(spare, m.MoveKV(cluster.next_cmd_id(), current, "recv", "primary", blocks)))
@@ -232,7 +236,8 @@ class Recovery:
             if not handed_back:
                 sched.forget_replicas(p, s)
                 self._count_resumed(sched.resume_after_failover(p, s))
-            await self._rewire_replicas(p, s, spare, current)
+            sched.drop_prefix_cache(p)  # only the blocks of running requests were handed over
+            switch_replicas()
             route[s] = spare
             cluster.pools.pop((p, s), None)
             cluster.workers[spare].state = "healthy"
@@ -255,23 +260,32 @@ class Recovery:
             self._pending_restore.append((p, s, failed_at))  # the next spare tries again
         self.engine.pump_all()
 
-    async def _rewire_replicas(self, p: int, s: int, spare: int, previous: int) -> None:
-        """The spare ships its KV to the next pipeline's stage-s worker, and keeps the replica of
-        the previous pipeline's stage s (which the dead worker kept)."""
+    async def _rewire_replicas(self, p: int, s: int, spare: int, previous: int):
+        """Open the links by which the spare ships its KV to the next pipeline's stage-s worker
+        and keeps the replica of the previous pipeline's stage s (which the dead worker kept).
+        Returns what to record when the route switches: until then no ack from them counts."""
         cluster = self.cluster
+        changes = []
         if not cluster.replication:
-            return
+            return lambda: None
         P = len(cluster.routes)
         nxt, prv = cluster.routes[(p + 1) % P][s], cluster.routes[(p - 1) % P][s]
         if cluster.workers[nxt].state == "healthy" and nxt != spare:
             await cluster.open_link(spare, nxt, "repl")
-            cluster.replica_holder[(p, s)] = nxt
-            if nxt == previous:
-                self.scheduler.mark_replicated(p, s)  # it served from that very copy until now
+
+            def outgoing() -> None:
+                cluster.replica_holder[(p, s)] = nxt
+                if nxt == previous:
+                    self.scheduler.mark_replicated(p, s)  # it served from that very copy until now
+            changes.append(outgoing)
         if cluster.workers[prv].state == "healthy" and prv != spare and cluster.pool((p - 1) % P, s) == "primary":
             await cluster.open_link(prv, spare, "repl")
-            cluster.replica_holder[((p - 1) % P, s)] = spare
-            self.scheduler.forget_replicas((p - 1) % P, s)  # only new KV reaches the new holder
+
+            def incoming() -> None:
+                cluster.replica_holder[((p - 1) % P, s)] = spare
+                self.scheduler.forget_replicas((p - 1) % P, s)  # only new KV reaches the new holder
+            changes.append(incoming)
+        return lambda: [change() for change in changes]
 
     async def replace_spare(self, device: str) -> None:
         """The dead worker's device gets a new spare (a virtual CPU device is usable at once)."""

@@ -92,7 +92,7 @@ class Worker:
     def _host_stage(self, msg: m.HostStage) -> dict:
         from kevlard.gpu.kv_cache import KVCache, attention_dtype
         from kevlard.gpu.stage import StageModel
-        from kevlard.gpu.weight_store import attach_stage
+        from kevlard.gpu.weight_store import attach_stage, drop_mapped_pages
 
         t0 = time.monotonic()
         if msg.weights_dir is not None:
@@ -109,11 +109,19 @@ class Worker:
             return KVCache(msg.last_layer - msg.first_layer, msg.num_blocks, msg.block_size, spec.num_kv_heads,
                            spec.head_dim, dtype, self.device)
 
-        kv = cache()
-        self.replica_kv = cache() if msg.replica_pool else None
+        def build():
+            kv = cache()
+            return kv, cache() if msg.replica_pool else None, StageModel(
+                weights, spec, msg.first_layer, msg.last_layer, msg.is_first, msg.is_last, kv, self.device)
+
+        # On CPU, building the stage (zeroing the KV cache, packing the weights for oneDNN) takes
+        # ~0.3 s of a core that the serving workers need while a spare rehosts after a failure:
+        # it runs at a lower priority so that serving goes first.
+        kv, self.replica_kv, model = _at_low_priority(build) if self.device.type == "cpu" else build()
+        if self.device.type == "cpu" and msg.weights_dir is None:
+            drop_mapped_pages(weights)
         self.stages.clear()
-        self.stages[msg.stage] = StageModel(weights, spec, msg.first_layer, msg.last_layer, msg.is_first,
-                                            msg.is_last, kv, self.device)
+        self.stages[msg.stage] = model
         return {"host_s": time.monotonic() - t0, "kv_bytes": kv.nbytes * (2 if msg.replica_pool else 1)}
 
     def _open_link(self, msg: m.OpenLink) -> dict:
@@ -269,6 +277,36 @@ class Worker:
 
     def _stage_index(self) -> int:
         return next(iter(self.stages))
+
+
+HOSTING_NICE = 10
+
+
+def _at_low_priority(fn):
+    """Run fn in a helper thread whose nice value is raised (Linux: per thread), and return its
+    result; this thread's own priority is untouched (lowering a nice value needs privileges)."""
+    import torch
+
+    out: dict = {}
+    threads = torch.get_num_threads()
+
+    def run() -> None:
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), HOSTING_NICE)
+        except (OSError, AttributeError):
+            pass  # not Linux, or not allowed: run at normal priority
+        try:
+            torch.set_num_threads(threads)
+            out["value"] = fn()
+        except BaseException as e:  # re-raised in the caller
+            out["error"] = e
+
+    t = threading.Thread(target=run, name="host-stage")
+    t.start()
+    t.join()
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
 
 
 def worker_main(worker_id: int, device: str, conn, num_threads: int, heartbeat_interval_s: float) -> None:

@@ -49,6 +49,8 @@ class Scheduler:
         self.max_waiting = max_waiting
         self.replicated_stages = replicated_stages
         self.blocks = [BlockManager(num_blocks, block_size, prefix_caching) for _ in range(num_pipelines)]
+        # per pipeline, the stages whose replica holds every published block of the pipeline
+        self._cache_replicated = [set(range(replicated_stages)) for _ in range(num_pipelines)]
         self.active = [True] * num_pipelines  # a pipeline without a complete route takes no requests
         self.requests: dict[int, Request] = {}
         self.waiting: deque[Request] = deque()
@@ -124,7 +126,7 @@ class Scheduler:
             req.num_computed_tokens = cached
             req.num_cached_tokens = cached
             if self.replicated_stages:
-                req.replicated = {s: cached for s in range(self.replicated_stages)}
+                req.replicated = {s: cached for s in self._cache_replicated[p]}
             req.pipeline = p
             req.status = Status.RUNNING
             self.running[p].append(req)
@@ -226,7 +228,7 @@ class Scheduler:
     def deactivate(self, pipeline: int) -> None:
         """The pipeline lost its route: its requests go back to waiting and recompute elsewhere."""
         self.active[pipeline] = False
-        self.blocks[pipeline].drop_cache()
+        self.drop_prefix_cache(pipeline)
         for req in list(self.running[pipeline]):
             req.in_flight = False
             self._preempt(req)
@@ -235,10 +237,8 @@ class Scheduler:
         self.active[pipeline] = True
 
     def pause(self, pipeline: int) -> None:
-        """No new micro-batches or admissions on the pipeline; its requests keep their blocks.
-        Recovery pauses a pipeline before its KV moves: its prefix cache is dropped."""
+        """No new micro-batches or admissions on the pipeline; its requests keep their blocks."""
         self.active[pipeline] = False
-        self.blocks[pipeline].drop_cache()
 
     def on_replica_ack(self, pipeline: int, stage: int, spans: tuple[tuple[int, int, int], ...]) -> None:
         """(req_id, start, end): the holder stored tokens [start, end). The watermark only grows
@@ -255,8 +255,10 @@ class Scheduler:
                     self.blocks[pipeline].publish(req, min(held, req.num_computed_tokens))
 
     def forget_replicas(self, pipeline: int, stage: int) -> None:
-        """The replica of (pipeline, stage) is gone (its holder died, or it became the only copy)."""
-        self.blocks[pipeline].drop_cache()  # its blocks were published as replicated
+        """The replica of (pipeline, stage) is gone (its holder died, or it became the only copy).
+        Published blocks stay readable where they are, but no longer have a replica there: a
+        request that shares them claims no replica of them at that stage."""
+        self._cache_replicated[pipeline].discard(stage)
         for req in self.running[pipeline]:
             req.replicated.pop(stage, None)
 
@@ -264,8 +266,7 @@ class Scheduler:
         """The stage's KV of the pipeline's requests now comes from the buddy's replica: each
         request recomputes only the tokens past its replicated watermark (all of them, a replay,
         without one). Returns (req_id, "replica" | "replay", tokens recomputed)."""
-        self.blocks[pipeline].drop_cache()
-        out = []
+        out = []  # published blocks were replicated before they were shared: the cache stays valid
         for req in self.running[pipeline]:
             req.in_flight = False
             req.step_id = None
@@ -277,9 +278,14 @@ class Scheduler:
 
     def mark_replicated(self, pipeline: int, stage: int) -> None:
         """The stage's KV was handed over whole: the holder's replica is complete again."""
-        self.blocks[pipeline].drop_cache()
+        self.drop_prefix_cache(pipeline)
         for req in self.running[pipeline]:
             req.replicated[stage] = req.num_computed_tokens
+
+    def drop_prefix_cache(self, pipeline: int) -> None:
+        """The pipeline's KV moved (or was lost): what the cache's keys point at may not be there."""
+        self.blocks[pipeline].drop_cache()
+        self._cache_replicated[pipeline] = set(range(self.replicated_stages))
 
     def block_ids_of(self, pipeline: int) -> list[int]:
         return sorted({b for req in self.running[pipeline] for b in req.block_ids})  # shared ones once

@@ -93,13 +93,29 @@ def test_with_replication_blocks_are_shared_only_once_every_stage_holds_a_replic
     assert resumed[4] == ("replica", 1) and s.requests[4].num_computed_tokens == 8
 
 
-def test_recovery_forgets_the_cache_but_running_requests_keep_their_blocks():
+def test_a_failover_keeps_the_cache_but_claims_no_replica_where_there_is_none():
+    s = make(replicated_stages=2)
+    s.add(req(1, SYSTEM + [1], max_tokens=10))
+    step(s)
+    s.on_replica_ack(0, 0, ((1, 0, 9),))
+    s.on_replica_ack(0, 1, ((1, 0, 9),))
+    # stage 1 fails: its buddy's replica, which holds every published block, serves from now on
+    s.pause(0)
+    s.resume_after_failover(0, 1)
+    s.forget_replicas(0, 1)
+    s.activate(0)
+    s.add(req(2, SYSTEM + [2]))
+    plan, _ = step(s)
+    assert next(c for c in plan.chunks if c.req_id == 2).start == 8
+    assert s.requests[2].replicated == {0: 8}  # stage 1 has no replica any more
+
+
+def test_a_hand_back_forgets_the_cache_but_running_requests_keep_their_blocks():
     s = make()
     s.add(req(1, SYSTEM + [1], max_tokens=10))
     step(s)
     shared = s.requests[1].block_ids[:2]
-    s.pause(0)
-    s.activate(0)
+    s.drop_prefix_cache(0)
     s.add(req(2, SYSTEM + [2]))
     plan, _ = step(s)
     assert next(c for c in plan.chunks if c.req_id == 2).start == 0

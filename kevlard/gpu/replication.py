@@ -23,7 +23,7 @@ log = logging.getLogger("kevlard.replication")
 
 # At most this long between shipments: a failure recomputes at most ~this much of a request's
 # generation (measured: 0-1 tokens), and a saturated CPU does not pay a shipment per step.
-SHIP_INTERVAL_S = 0.5
+SHIP_INTERVAL_S = 0.02
 
 
 class ReplicaSender:

@@ -55,6 +55,9 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--compare", metavar="MODES",
                        help="with --config: a failure-free pass, then the same load and faults once per "
                             "recovery mode, e.g. kevlar,restart")
+    bench.add_argument("--restart-reload-s", type=float, metavar="X",
+                       help="with --compare ...,restart: add X s to the restart baseline's reload, to emulate "
+                            "a bigger model (labelled as emulated)")
     bench.add_argument("--replication", metavar="on,off",
                        help="with --config: the same load with [kv] replication on and off; its overhead")
     bench.add_argument("--plot", metavar="OUT.png", help="rolling TTFT and tokens/s over time, faults marked")
@@ -156,6 +159,11 @@ def _bench(args: argparse.Namespace) -> int:
                     raise ValueError(f"{flag} needs --config (a daemon the benchmark starts itself)")
         if args.compare and args.replication:
             raise ValueError("--compare and --replication are separate runs: give one of them")
+        if args.restart_reload_s is not None:
+            if not args.restart_reload_s >= 0:
+                raise ValueError(f"--restart-reload-s must be >= 0, got {args.restart_reload_s}")
+            if "restart" not in (args.compare or ""):
+                raise ValueError("--restart-reload-s stretches the restart baseline: it needs --compare ...,restart")
         if args.compare and args.reference:
             raise ValueError("--compare makes its own failure-free reference: drop --reference")
         modes = parse_modes(args.compare) if args.compare else None
@@ -194,7 +202,7 @@ def _bench_runs(args: argparse.Namespace, faults: list[Any], modes: list[str] | 
     from kevlard.bench.comparison import Variant, compare_variants, replication_variants, run_variants
 
     if modes is not None:
-        variants = compare_variants(modes)
+        variants = compare_variants(modes, args.restart_reload_s or 0.0)
     elif replication is not None:
         variants = replication_variants(replication)
     else:
@@ -220,7 +228,14 @@ def _bench_report(args: argparse.Namespace, results: list[Any], *, compared: boo
             output["identical_to_reference"] = share
         print()
         print(format_comparison_markdown(results, shares))
-    fault_table = format_fault_markdown([(r.label or r.model, r.summary, r.fault_metrics) for r in results])
+        from kevlard.bench.comparison import format_ratios_markdown, headline_ratios
+
+        document["ratios"] = ratios = headline_ratios(results)
+        if ratios:
+            print()
+            print(format_ratios_markdown(ratios))
+    fault_table = format_fault_markdown([(r.label or r.model, r.summary, r.fault_metrics, r.recovery)
+                                         for r in results])
     if fault_table:
         print()
         print(fault_table)

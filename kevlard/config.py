@@ -47,6 +47,7 @@ class ClusterConfig:
     stages: int = 0  # 0: derived (devices // pipelines, at most 2 on CPU)
     spares: int = -1  # -1: derived (1 if a device is left over or on CPU, else 0)
     worker_start_timeout_s: float = 120.0
+    restart_reload_extra_s: float = 0.0  # recovery = "restart" only: added to each reload (emulates a bigger model)
     link_timeout_s: float = 30.0  # every send/recv on a link
     threads_per_worker: int = 0  # 0: cores divided among active workers
 
@@ -112,6 +113,8 @@ class Config:
                self.cluster.pipelines)
         _check(self.cluster.stages >= 0, "cluster.stages", "must be >= 1 (or 0 to derive)", self.cluster.stages)
         _check(self.cluster.spares >= -1, "cluster.spares", "must be >= 0 (or -1 to derive)", self.cluster.spares)
+        _check(self.cluster.restart_reload_extra_s >= 0, "cluster.restart_reload_extra_s", "must be >= 0",
+               self.cluster.restart_reload_extra_s)
         _check(self.cluster.worker_start_timeout_s > 0, "cluster.worker_start_timeout_s", "must be > 0",
                self.cluster.worker_start_timeout_s)
         _check(self.cluster.link_timeout_s > 0, "cluster.link_timeout_s", "must be > 0",

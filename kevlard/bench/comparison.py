@@ -55,10 +55,16 @@ def parse_on_off(text: str) -> list[bool]:
     return [words[value] for value in values]
 
 
-def compare_variants(modes: Sequence[str]) -> list[Variant]:
-    """The failure-free reference pass, then one faulted run per recovery mode."""
-    return [Variant(REFERENCE_LABEL, {}, with_faults=False),
-            *(Variant(mode, {"recovery": mode}) for mode in modes)]
+def compare_variants(modes: Sequence[str], restart_reload_s: float = 0.0) -> list[Variant]:
+    """The failure-free reference pass, then one faulted run per recovery mode. With
+    `restart_reload_s`, the restart baseline's reload is stretched by that much (an emulated
+    bigger model), and its label says so."""
+    def variant(mode: str) -> Variant:
+        if mode == "restart" and restart_reload_s > 0:
+            return Variant(f"restart (+{restart_reload_s:g} s reload, emulated)",
+                           {"recovery": mode, "cluster.restart_reload_extra_s": restart_reload_s})
+        return Variant(mode, {"recovery": mode})
+    return [Variant(REFERENCE_LABEL, {}, with_faults=False), *(variant(mode) for mode in modes)]
 
 
 def replication_variants(values: Sequence[bool]) -> list[Variant]:
@@ -160,6 +166,49 @@ def format_comparison_markdown(results: Sequence[BenchResult],
                  _fmt(first.get("probe_first_token_s"), ".3f"), _fmt(first.get("recovery_to_90pct_s"), ".2f"),
                  f"{_fmt(window.get('ttft_mean_s'), '.3f')} / {_fmt(summary['ttft_mean_s'], '.3f')}",
                  f"{_fmt(window.get('latency_p99_s'), '.3f')} / {_fmt(summary['latency_p99_s'], '.3f')}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+_RATIO_KEYS = (("probe first token", "probe_first_token_s", None),
+               ("latency mean (window)", "latency_mean_s", "window"),
+               ("latency p99 (window)", "latency_p99_s", "window"),
+               ("TTFT mean (window)", "ttft_mean_s", "window"),
+               ("TTFT p99 (window)", "ttft_p99_s", "window"))
+
+
+def headline_ratios(results: Sequence[BenchResult]) -> list[dict[str, Any]]:
+    """For each faulted run other than kevlar's: how many times longer than kevlar's each
+    figure of its first injected fault is (restart / kevlar; None where a side has no value)."""
+    def first_fault(result: BenchResult) -> dict[str, Any]:
+        return next((m for m in result.fault_metrics if m.get("ok")), {})
+
+    kevlar = next((r for r in results if r.settings.get("overrides", {}).get("recovery") == "kevlar"), None)
+    if kevlar is None:
+        return []
+    base = first_fault(kevlar)
+    rows = []
+    for result in results:
+        if result is kevlar or result.label == REFERENCE_LABEL:
+            continue
+        other = first_fault(result)
+        ratios = {}
+        for name, key, section in _RATIO_KEYS:
+            a = (base.get(section) or {}).get(key) if section else base.get(key)
+            b = (other.get(section) or {}).get(key) if section else other.get(key)
+            ratios[name] = b / a if a and b is not None else None
+        rows.append({"run": result.label, "against": kevlar.label, "ratios": ratios})
+    return rows
+
+
+def format_ratios_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    if not rows:
+        return ""
+    names = [name for name, _, _ in _RATIO_KEYS]
+    lines = ["| run / kevlar | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for row in rows:
+        cells = [f"{row['run']} / {row['against']}"] + [
+            "-" if row["ratios"][n] is None else f"{row['ratios'][n]:.1f}x" for n in names]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

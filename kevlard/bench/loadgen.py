@@ -46,6 +46,7 @@ class BenchResult:
     faults: list[FaultRecord] = field(default_factory=list)
     window_s: float = FAILURE_WINDOW_S
     warmup_failed: int = 0  # of the settings' warmup requests
+    recovery: dict[str, Any] | None = None  # the daemon's recovery counters over the run (kevlard only)
 
     @property
     def summary(self) -> dict[str, Any]:
@@ -65,6 +66,7 @@ class BenchResult:
             "summary": self.summary,
             "warmup_failed": self.warmup_failed,
             "faults": self.fault_metrics,
+            "recovery": self.recovery,
             "records": [record.to_json() for record in self.records],
         }
 
@@ -155,6 +157,7 @@ async def run_load(url: str, rate: float, requests: int, output_tokens: int, see
         schedule = poisson_schedule(rate, requests, seed)
         admin = httpx.AsyncClient(trust_env=False, timeout=ADMIN_TIMEOUT_S,
                                   headers={"Authorization": f"Bearer {admin_token}"} if admin_token else {})
+        counters_before = await _recovery_counters(admin, base)
         start = time.perf_counter()
         tasks: list[asyncio.Task[RequestRecord]] = []
         fault_tasks = [asyncio.create_task(_inject(admin, base, spec, fault_stage, start, model))
@@ -171,11 +174,38 @@ async def run_load(url: str, rate: float, requests: int, output_tokens: int, see
                     _send(client, base, request, start, timeout_s, counts)))
             result.records = list(await asyncio.gather(*tasks))
             result.faults = await _collect_faults(faults, fault_tasks, start)
+            result.recovery = recovery_delta(counters_before, await _recovery_counters(admin, base))
         finally:
             for task in [*tasks, *fault_tasks]:
                 task.cancel()
             await admin.aclose()
     return result
+
+
+RECOVERY_COUNTERS = ("failures", "reroutes", "rehosts", "restarts", "requests_resumed_replica",
+                     "requests_replayed", "tokens_recomputed")
+
+
+async def _recovery_counters(client: httpx.AsyncClient, base: str) -> dict[str, Any] | None:
+    """kevlard's recovery counters from GET /api/cluster; None from a server without them."""
+    try:
+        response = await client.get(f"{base}/api/cluster")
+        counters = response.json().get("recovery") if response.status_code == 200 else None
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return None
+    return counters if isinstance(counters, dict) else None
+
+
+def recovery_delta(before: dict[str, Any] | None, after: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What the counters did during the run, and the tokens recomputed per resumed request."""
+    if before is None or after is None:
+        return None
+    delta = {key: after.get(key, 0) - before.get(key, 0) for key in RECOVERY_COUNTERS
+             if isinstance(after.get(key, 0), int) and isinstance(before.get(key, 0), int)}
+    resumed = delta.get("requests_resumed_replica", 0) + delta.get("requests_replayed", 0)
+    delta["tokens_recomputed_per_resumed_request"] = (
+        delta.get("tokens_recomputed", 0) / resumed if resumed else None)
+    return delta
 
 
 async def _warmup(client: httpx.AsyncClient, base: str, model: str, count: int, output_tokens: int,

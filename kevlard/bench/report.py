@@ -287,16 +287,24 @@ def _fmt(value: Any, fmt: str) -> str:
 _FAULT_HEADER = ("run", "fault", "worker", "injected s", "probe first token s", "first token after s",
                  "recovery to 90% s",
                  "pre-fault tok/s", "window reqs", "lost", "latency mean s window/all",
-                 "latency p99 s window/all", "TTFT mean s window/all", "TTFT p99 s window/all")
+                 "latency p99 s window/all", "TTFT mean s window/all", "TTFT p99 s window/all",
+                 "resumed / replayed", "recomputed tok per resumed")
 
 
-def format_fault_markdown(rows: Sequence[tuple[str, dict[str, Any], Sequence[dict[str, Any]]]]) -> str:
-    """A Markdown table with one row per fault of each (label, run summary, fault_metrics);
-    failure-window latencies beside the whole run's. Empty when no run had a fault."""
+def format_fault_markdown(rows: Sequence[tuple]) -> str:
+    """A Markdown table with one row per fault of each (label, run summary, fault_metrics[,
+    recovery counters over the run]); failure-window latencies beside the whole run's; the
+    requests resumed from a replica or replayed, and the tokens recomputed per resumed request,
+    are the run's (kevlard's counters; "-" for a server without them). Empty when no run had a
+    fault."""
     lines = ["| " + " | ".join(_FAULT_HEADER) + " |",
              "|" + "|".join(["---", "---"] + ["---:"] * (len(_FAULT_HEADER) - 2)) + "|"]
     count = 0
-    for label, summary, faults in rows:
+    for label, summary, faults, *more in rows:
+        recovery = (more[0] if more else None) or {}
+        resumed = recovery.get("requests_resumed_replica")
+        replayed = recovery.get("requests_replayed")
+        counts = "-" if resumed is None else f"{resumed} / {replayed}"
         for fault in faults:
             count += 1
             name = f"{fault['kind']}@{fault['at_s']:g}s"
@@ -311,7 +319,7 @@ def format_fault_markdown(rows: Sequence[tuple[str, dict[str, Any], Sequence[dic
                      _fmt(fault.get("recovery_to_90pct_s"), ".2f"),
                      _fmt(fault.get("pre_fault_tokens_per_s"), ".1f"),
                      _fmt(window.get("requests"), "d"), _fmt(fault.get("lost_requests"), "d"),
-                     *pair]
+                     *pair, counts, _fmt(recovery.get("tokens_recomputed_per_resumed_request"), ".1f")]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) if count else ""
 

@@ -108,18 +108,31 @@ def test_compare_kevlar_and_restart_under_a_kill(bench_config, tmp_path, capsys)
     out, plot = tmp_path / "compare.json", tmp_path / "compare.png"
     code = main(["bench", *bench_config, "--compare", "kevlar,restart", "--fault", "kill@0.6s",
                  "--rate", "10", "--requests", "16", "--output-tokens", "32", "--seed", "1",
+                 "--restart-reload-s", "1.5",
                  "--json", str(out), "--plot", str(plot), "--work-dir", str(tmp_path / "work")])
     captured = capsys.readouterr()
     assert code == 0, captured.err
+    emulated = "restart (+1.5 s reload, emulated)"
     assert "| kevlar | kevlar | kill@0.6s | 16 | 0 | 100 % |" in captured.out
-    assert "| restart | restart | kill@0.6s | 16 | 0 | 100 % |" in captured.out
+    assert f"| {emulated} | restart | kill@0.6s | 16 | 0 | 100 % |" in captured.out
     assert "| failure-free | - | - | 16 | 0 | (reference) |" in captured.out
-    runs = json.loads(out.read_text())["runs"]
-    assert [r["label"] for r in runs] == ["failure-free", "kevlar", "restart"]
+    assert f"| {emulated} / kevlar |" in captured.out  # the headline ratios
+    document = json.loads(out.read_text())
+    runs = document["runs"]
+    assert [r["label"] for r in runs] == ["failure-free", "kevlar", emulated]
     assert runs[0]["faults"] == [] and all(r["faults"][0]["ok"] for r in runs[1:])
     assert [r["identical_to_reference"] for r in runs] == [None, 1.0, 1.0]
+    # the daemon's own counters over each run: a failure rerouted, a failure restarted
+    assert runs[0]["recovery"]["failures"] == 0
+    assert runs[1]["recovery"]["reroutes"] == 1, runs[1]["recovery"]
+    assert runs[1]["recovery"]["restarts"] == 0
+    # (the restart itself may end after the load: the other pipeline served it all)
+    assert runs[2]["recovery"]["failures"] == 1 and runs[2]["recovery"]["reroutes"] == 0
+    ratios = document["ratios"][0]
+    assert ratios["run"] == emulated and ratios["ratios"]["probe first token"] > 0
     assert "event reroute" in (tmp_path / "work" / "1-kevlar.log").read_text()
-    assert "event restart" in (tmp_path / "work" / "2-restart.log").read_text()
+    restart_log = next((tmp_path / "work").glob("2-restart*.log")).read_text()
+    assert "event restart" in restart_log and "restart_reload_emulated" in restart_log
     assert plot.read_bytes()[:8] == PNG_MAGIC and plot.stat().st_size > 10_000
 
 

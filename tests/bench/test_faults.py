@@ -212,11 +212,12 @@ async def test_faults_are_posted_during_the_run_with_the_token():
     assert all(len(r.token_times) == 5 for r in result.records)
     assert len(chats) == 65  # warmup requests too, and one probe request after each fault
     kinds = [entry[0] for entry in log]
-    assert kinds == ["cluster", "fault", "fault"]  # the worker of the first was looked up first
-    assert log[1][2] == {"worker": 5, "kind": "kill"}  # pipeline 0's middle stage
-    assert log[2][2] == {"worker": 7, "kind": "hang", "duration_s": 1.0}
+    # the recovery counters are read before and after the run; the first fault's worker was looked up
+    assert kinds == ["cluster", "cluster", "fault", "fault", "cluster"]
+    assert log[2][2] == {"worker": 5, "kind": "kill"}  # pipeline 0's middle stage
+    assert log[3][2] == {"worker": 7, "kind": "hang", "duration_s": 1.0}
     # posted while the load went on, in order: some requests arrived before each, some after
-    for _, posted, _ in log[1:]:
+    for _, posted, _ in log[2:4]:
         assert 3 < sum(t < posted for _, t in chats) < 65
     kill, hang = result.faults
     assert kill.ok and kill.worker == 5 and kill.stage == 1 and kill.status_code == 202
@@ -241,7 +242,8 @@ async def test_a_fault_after_the_last_request_and_a_wrong_token_are_reported():
     refused, late = result.faults
     assert not refused.ok and refused.status_code == 401 and "Incorrect admin token" in refused.error
     assert not late.ok and late.injected_s is None and "before its time" in late.error
-    assert [entry[0] for entry in log] == ["cluster"]  # the refused POST logs nothing
+    # counters before and after the run, the worker lookup; the refused POST logs nothing
+    assert [entry[0] for entry in log] == ["cluster", "cluster", "cluster"]
 
 
 def test_cli_bench_with_a_fault_reads_the_token_file(tmp_path, monkeypatch, capsys):
@@ -273,3 +275,19 @@ def test_cli_bench_fault_without_a_token_fails_before_the_run(tmp_path, monkeypa
     monkeypatch.setenv("HOME", str(tmp_path))
     assert main(["bench", "--url", "http://127.0.0.1:9", "--fault", "kill@1s"]) == 1
     assert "admin token" in capsys.readouterr().err
+
+
+def test_recovery_delta_gives_tokens_recomputed_per_resumed_request():
+    from kevlard.bench.loadgen import recovery_delta
+
+    before = {"failures": 1, "reroutes": 1, "requests_resumed_replica": 2, "requests_replayed": 0,
+              "tokens_recomputed": 3, "recovery_seconds": [0.01]}
+    after = {"failures": 2, "reroutes": 2, "requests_resumed_replica": 5, "requests_replayed": 1,
+             "tokens_recomputed": 11, "recovery_seconds": [0.01, 0.02]}
+    delta = recovery_delta(before, after)
+    assert delta["failures"] == 1 and delta["requests_resumed_replica"] == 3 and delta["requests_replayed"] == 1
+    assert delta["tokens_recomputed_per_resumed_request"] == 2.0  # 8 tokens over 4 requests
+    assert recovery_delta(before, None) is None  # a peer without the counters
+    assert recovery_delta(before, before)["tokens_recomputed_per_resumed_request"] is None
+    row = format_fault_markdown([("run", summarize([]), [{"kind": "kill", "at_s": 1.0, "ok": True}], delta)])
+    assert row.splitlines()[2].endswith("| 3 / 1 | 2.0 |")

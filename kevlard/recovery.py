@@ -145,7 +145,7 @@ class Recovery:
             self.engine.pump_all()
             return
         route = cluster.routes[p]
-        route[s] = buddy
+        replaced, route[s] = route[s], buddy
         cluster.pools[(p, s)] = "replica"
         cluster.replica_holder[(p, s)] = None  # the buddy's copy is now the only one
         try:
@@ -166,7 +166,8 @@ class Recovery:
         self.counters["reroutes"] += 1
         took = time.monotonic() - failed_at
         self.recovery_seconds.append(took)
-        self.events.emit("reroute", buddy, pipeline=p, stage=s, route=list(route), seconds=round(took, 4))
+        self.events.emit("reroute", buddy, pipeline=p, stage=s, route=list(route), seconds=round(took, 4),
+                         replaced=replaced)
 
     def _count_resumed(self, resumed: list[tuple[int, str, int]]) -> None:
         for req_id, how, recomputed in resumed:

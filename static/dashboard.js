@@ -238,7 +238,8 @@
     const at = clock(ev.time);
     if (ev.kind === "reroute") {
       const old = knownRoutes.get(p);
-      const dead = old && old[ev.stage] !== ev.worker ? `w${old[ev.stage]} lost → ` : "";
+      const lost = ev.replaced ?? (old && old[ev.stage] !== ev.worker ? old[ev.stage] : null);
+      const dead = lost !== null && lost !== undefined ? `w${lost} lost → ` : "";
       routeNotes.set(p, { kind: "reroute", stage: ev.stage, time: ev.time, buddy: ev.worker,
         text: `stage ${ev.stage}: ${dead}via buddy w${ev.worker} (${at})` });
     } else if (ev.kind === "restore") {

@@ -43,6 +43,15 @@ def complete(client, ids: list[int]) -> dict:
     return r.json()
 
 
+def serve_args(model_dir, topology: str, tmp_path) -> list[str]:
+    """`kevlard serve` on `model_dir` as PxK, small blocks and budget (chunked prefill), no spare."""
+    p, k = topology.split("x")
+    conf = tmp_path / "kevlard.toml"
+    conf.write_text("[kv]\nblock_size = 4\nnum_blocks = 128\n[scheduler]\nmax_batch_tokens = 32\n")
+    return ["--config", str(conf), "--model", str(model_dir), "--devices", f"cpu:{int(p) * int(k)}",
+            "--pipelines", p, "--stages", k, "--spares", "0"]
+
+
 def until_eos(tokens: list[int]) -> list[int]:
     eos = {0, 2}  # the tiny models' generation_config
     cut = next((i + 1 for i, t in enumerate(tokens) if t in eos), len(tokens))
@@ -66,10 +75,7 @@ def test_greedy_equals_transformers(models, model, topology, tmp_path):
     ps = prompts(8)
     expected = [until_eos(t) for t in hf_greedy(model_dir, ps)]
     p, k = topology.split("x")
-    conf = tmp_path / "kevlard.toml"
-    conf.write_text("[kv]\nblock_size = 4\nnum_blocks = 128\n[scheduler]\nmax_batch_tokens = 32\n")
-    args = ["--config", str(conf), "--model", str(model_dir), "--devices", f"cpu:{int(p) * int(k)}",
-            "--pipelines", p, "--stages", k, "--spares", "0"]
+    args = serve_args(model_dir, topology, tmp_path)
     with running_daemon(args, tmp_path) as daemon, daemon.client() as client:
         one_at_a_time = [complete(client, ids)["choices"][0]["token_ids"] for ids in ps]
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
@@ -90,11 +96,7 @@ def test_a_shared_prompt_prefix_is_served_from_the_cache_with_the_same_answers(m
     system = [rng.randrange(3, 300) for _ in range(21)]  # 5 full blocks of 4, and one more token
     ps = [system + [rng.randrange(3, 300) for _ in range(n)] for n in (3, 6, 1, 9)]
     expected = [until_eos(t) for t in hf_greedy(model_dir, ps)]
-    p, k = topology.split("x")
-    conf = tmp_path / "kevlard.toml"
-    conf.write_text("[kv]\nblock_size = 4\nnum_blocks = 128\n[scheduler]\nmax_batch_tokens = 32\n")
-    args = ["--config", str(conf), "--model", str(model_dir), "--devices", f"cpu:{int(p) * int(k)}",
-            "--pipelines", p, "--stages", k, "--spares", "0"]
+    args = serve_args(model_dir, topology, tmp_path)
     with running_daemon(args, tmp_path) as daemon, daemon.client() as client:
         first = complete(client, ps[0])
         cached = 0

@@ -189,7 +189,9 @@ def _check(ok: bool, name: str, rule: str, value: Any) -> None:
 
 
 def parse_devices(spec: str) -> tuple[str, list[int]] | tuple[str, None]:
-    """'auto' -> ('auto', None); 'cpu:4' -> ('cpu', [0,1,2,3]); 'cuda:0,1' -> ('cuda', [0,1])."""
+    """'auto' -> ('auto', None); 'cpu:4' -> ('cpu', [0,1,2,3]); 'cuda:0,1' -> ('cuda', [0,1]).
+    A GPU id may repeat ('cuda:0,0,0,0,0'): those workers share that GPU, separate processes on
+    one device, which is how a one-GPU machine runs (and tests) pipelines, buddies and spares."""
     if spec == "auto":
         return "auto", None
     kind, _, rest = spec.partition(":")
@@ -201,7 +203,7 @@ def parse_devices(spec: str) -> tuple[str, list[int]] | tuple[str, None]:
             return "cpu", list(range(n))
         if kind == "cuda":
             ids = [int(x) for x in rest.split(",") if x.strip()]
-            if not ids or any(i < 0 for i in ids) or len(set(ids)) != len(ids):
+            if not ids or any(i < 0 for i in ids):
                 raise ValueError
             return "cuda", ids
     except ValueError:

@@ -66,6 +66,7 @@ def test_parse_devices():
     assert parse_devices("auto") == ("auto", None)
     assert parse_devices("cpu:4") == ("cpu", [0, 1, 2, 3])
     assert parse_devices("cuda:0,1") == ("cuda", [0, 1])
+    assert parse_devices("cuda:0,0,0") == ("cuda", [0, 0, 0])  # workers sharing one GPU
 
 
 @pytest.mark.parametrize(
@@ -74,7 +75,7 @@ def test_parse_devices():
         ("", {"server.port": 0}, "server.port"),
         ("", {"cluster.devices": "gpu:1"}, "cluster.devices"),
         ("", {"cluster.devices": "cpu:0"}, "cluster.devices"),
-        ("", {"cluster.devices": "cuda:0,0"}, "cluster.devices"),
+        ("", {"cluster.devices": "cuda:0,-1"}, "cluster.devices"),
         ("[frobnicator]\nlevel = 3\n", {}, "frobnicator"),
         ("[server]\nprot = 8000\n", {}, "server.prot"),
         ('[server]\nport = "eight thousand"\n', {}, "server.port"),

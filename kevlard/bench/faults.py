@@ -1,6 +1,10 @@
 """The fault schedule of `kevlard bench`: `--fault KIND@TIME[:worker=ID][:duration=TIME]` specs,
 and their injection through the daemon's `POST /api/faults` while the load goes on.
 
+`kill@TIME:pidfile=PATH` instead SIGKILLs, on this machine, the process whose pid PATH holds at
+that moment: the same fault for a server without /api/faults (the peer under a supervisor that
+restarts it, as systemd would). Its probe request is retried until the server answers again.
+
 Each fault waits for its time from the start of the run, picks its worker from GET /api/cluster
 if the spec names none, posts the fault, then times one probe request's first token; report.py
 turns the resulting records into recovery metrics.
@@ -9,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +38,7 @@ class FaultSpec:
     at_s: float
     worker: int | None = None  # None: the worker of --fault-stage of pipeline 0 at injection
     duration_s: float | None = None  # for hang/slow; None: the server's default
+    pidfile: str | None = None  # kill the process this file names (a server without /api/faults)
 
     def __str__(self) -> str:
         text = f"{self.kind}@{self.at_s:g}s"
@@ -39,10 +46,13 @@ class FaultSpec:
             text += f":worker={self.worker}"
         if self.duration_s is not None:
             text += f":duration={self.duration_s:g}s"
+        if self.pidfile is not None:
+            text += f":pidfile={self.pidfile}"
         return text
 
     def to_json(self) -> dict[str, Any]:
-        return {"kind": self.kind, "at_s": self.at_s, "worker": self.worker, "duration_s": self.duration_s}
+        return {"kind": self.kind, "at_s": self.at_s, "worker": self.worker, "duration_s": self.duration_s,
+                "pidfile": self.pidfile}
 
 
 _TIME = re.compile(r"(?P<number>\d+(?:\.\d*)?|\.\d+)(?P<unit>ms|s)?")
@@ -72,6 +82,7 @@ def parse_fault_spec(text: str) -> FaultSpec:
         raise ValueError(f"bad fault {text!r}: {e}") from None
     worker: int | None = None
     duration_s: float | None = None
+    pidfile: str | None = None
     seen: set[str] = set()
     for option in options:
         key, eq, value = (part.strip() for part in option.partition("="))
@@ -91,9 +102,13 @@ def parse_fault_spec(text: str) -> FaultSpec:
                 raise ValueError(f"bad fault {text!r}: duration: {e}") from None
             if duration_s <= 0:
                 raise ValueError(f"bad fault {text!r}: duration must be > 0")
+        elif key == "pidfile":
+            pidfile = value
         else:
-            raise ValueError(f"bad fault {text!r}: unknown option {key!r} (worker, duration)")
-    return FaultSpec(kind, at_s, worker, duration_s)
+            raise ValueError(f"bad fault {text!r}: unknown option {key!r} (worker, duration, pidfile)")
+    if pidfile is not None and (kind != "kill" or worker is not None or duration_s is not None):
+        raise ValueError(f"bad fault {text!r}: pidfile goes with kill alone (a SIGKILL of that process)")
+    return FaultSpec(kind, at_s, worker, duration_s, pidfile)
 
 def read_admin_token(path: str | Path | None = None) -> str:
     """The daemon's generated admin token from its owner-only file (default
@@ -144,6 +159,8 @@ async def _inject(admin: httpx.AsyncClient, base: str, spec: FaultSpec, stage: i
     worker, picked_stage = spec.worker, None
     injected_s = acked_s = status_code = probe_first_token_s = None
     error: str | None = None
+    if spec.pidfile is not None:
+        return await _kill_process(admin, base, spec, start, model)
     try:
         if worker is None:
             worker, picked_stage = await pick_worker(admin, base, stage)
@@ -169,26 +186,53 @@ async def _inject(admin: httpx.AsyncClient, base: str, spec: FaultSpec, stage: i
                        probe_first_token_s=probe_first_token_s)
 
 
-async def _probe_first_token(client: httpx.AsyncClient, base: str, model: str | None) -> float | None:
-    """Send one small streamed request now; the perf_counter time of its first token, or None."""
+async def _kill_process(admin: httpx.AsyncClient, base: str, spec: FaultSpec, start: float,
+                        model: str | None) -> FaultRecord:
+    """SIGKILL the process spec.pidfile names, then time a probe retried until the server is back."""
+    injected_s = probe_first_token_s = pid = None
+    error: str | None = None
+    try:
+        pid = int(Path(spec.pidfile).read_text().strip())
+        injected_s = time.perf_counter() - start
+        os.kill(pid, signal.SIGKILL)
+        probe_s = await _probe_first_token(admin, base, model, retry_until_s=PROBE_RETRY_S)
+        probe_first_token_s = None if probe_s is None else probe_s - start - injected_s
+    except (OSError, ValueError) as e:
+        error = f"cannot kill the process of {spec.pidfile}: {e}"[:MAX_ERROR_CHARS]
+    return FaultRecord(kind=spec.kind, at_s=spec.at_s, worker=pid, stage=None, duration_s=None,
+                       injected_s=injected_s, acked_s=injected_s, ok=error is None, status_code=None,
+                       error=error, probe_first_token_s=probe_first_token_s)
+
+
+PROBE_RETRY_S = 300.0  # how long a probe keeps trying a server that is restarting
+PROBE_RETRY_EVERY_S = 0.1
+
+
+async def _probe_first_token(client: httpx.AsyncClient, base: str, model: str | None,
+                             retry_until_s: float = 0.0) -> float | None:
+    """Send one small streamed request now; the perf_counter time of its first token, or None.
+    With `retry_until_s`, a refused connection or an error status is retried that long."""
     body: dict[str, Any] = {"messages": [{"role": "user", "content": "Say OK."}], "max_tokens": 2,
                             "stream": True}
     if model:
         body["model"] = model
-    try:
-        async with asyncio.timeout(120):
-            async with client.stream("POST", f"{base}/v1/chat/completions", json=body) as response:
-                if response.is_error:
-                    return None
-                async for line in response.aiter_lines():
-                    if not line.startswith("data:") or line.strip() == "data: [DONE]":
-                        continue
-                    choices = json.loads(line[len("data:"):]).get("choices") or [{}]
-                    if (choices[0].get("delta") or {}).get("content"):
-                        return time.perf_counter()
-    except Exception:
-        return None
-    return None
+    give_up = time.perf_counter() + retry_until_s
+    while True:
+        try:
+            async with asyncio.timeout(120):
+                async with client.stream("POST", f"{base}/v1/chat/completions", json=body) as response:
+                    if not response.is_error:
+                        async for line in response.aiter_lines():
+                            if not line.startswith("data:") or line.strip() == "data: [DONE]":
+                                continue
+                            choices = json.loads(line[len("data:"):]).get("choices") or [{}]
+                            if (choices[0].get("delta") or {}).get("content"):
+                                return time.perf_counter()
+        except Exception:
+            pass
+        if time.perf_counter() >= give_up:
+            return None
+        await asyncio.sleep(PROBE_RETRY_EVERY_S)
 
 
 async def _collect_faults(specs: Sequence[FaultSpec], tasks: Sequence[asyncio.Task[FaultRecord]],

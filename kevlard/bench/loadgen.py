@@ -132,8 +132,8 @@ async def run_load(url: str, rate: float, requests: int, output_tokens: int, see
     if not window_s > 0:
         raise ValueError(f"failure window must be > 0 s, got {window_s}")
     base = url.rstrip("/")
-    if faults and not admin_token:
-        admin_token = read_admin_token()
+    if any(spec.pidfile is None for spec in faults) and not admin_token:
+        admin_token = read_admin_token()  # a pidfile kill needs no admin token
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     # One connection per request at most, so that nothing queues on the client side; no proxies
     # from the environment, so that the numbers are the server's.

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -32,6 +35,7 @@ TOKEN = "s3cret-admin"
     ("hang@8s:worker=3", FaultSpec("hang", 8.0, worker=3)),
     ("slow@2s:worker=0:duration=750ms", FaultSpec("slow", 2.0, worker=0, duration_s=0.75)),
     ("hang@.5s:duration=2", FaultSpec("hang", 0.5, duration_s=2.0)),
+    ("kill@8s:pidfile=/run/peer.pid", FaultSpec("kill", 8.0, pidfile="/run/peer.pid")),
 ])
 def test_parse_fault_spec_accepts(text, spec):
     assert parse_fault_spec(text) == spec
@@ -55,6 +59,8 @@ def test_parse_fault_spec_accepts(text, spec):
     ("kill@5s:stage=1", "unknown option"),
     ("hang@5s:duration=0", "duration must be > 0"),
     ("hang@5s:duration=soon", "duration"),
+    ("hang@5s:pidfile=/run/peer.pid", "pidfile goes with kill alone"),
+    ("kill@5s:worker=1:pidfile=/run/peer.pid", "pidfile goes with kill alone"),
 ])
 def test_parse_fault_spec_rejects(text, message):
     with pytest.raises(ValueError, match=message):
@@ -291,3 +297,33 @@ def test_recovery_delta_gives_tokens_recomputed_per_resumed_request():
     assert recovery_delta(before, before)["tokens_recomputed_per_resumed_request"] is None
     row = format_fault_markdown([("run", summarize([]), [{"kind": "kill", "at_s": 1.0, "ok": True}], delta)])
     assert row.splitlines()[2].endswith("| 3 / 1 | 2.0 |")
+
+
+async def test_a_pidfile_kill_sigkills_that_process_and_needs_no_admin_token(tmp_path):
+    """The fault of a server without /api/faults: the process its pidfile names is SIGKILLed
+    (here a stand-in process; the load's server keeps answering, so the probe gets its token)."""
+    victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        pidfile = tmp_path / "server.pid"
+        pidfile.write_text(f"{victim.pid}\n")
+        app = stream_server_app()
+        with live_server(app) as url:
+            async with asyncio.timeout(DEADLINE_S):
+                result = await run_load(url, rate=40.0, requests=20, output_tokens=3, seed=1, model=MODEL_ID,
+                                        faults=[parse_fault_spec(f"kill@0.2s:pidfile={pidfile}")])
+        assert victim.wait(timeout=10) == -signal.SIGKILL
+        (fault,) = result.faults
+        assert fault.ok and fault.worker == victim.pid and fault.injected_s >= 0.2
+        assert fault.probe_first_token_s is not None and fault.probe_first_token_s > 0
+        missing = await run_load_fault_missing_pidfile(tmp_path)
+        assert not missing.ok and "cannot kill" in missing.error
+    finally:
+        victim.kill()
+
+
+async def run_load_fault_missing_pidfile(tmp_path):
+    with live_server(stream_server_app()) as url:
+        async with asyncio.timeout(DEADLINE_S):
+            result = await run_load(url, rate=40.0, requests=5, output_tokens=2, seed=1, model=MODEL_ID,
+                                    faults=[parse_fault_spec(f"kill@0.05s:pidfile={tmp_path / 'none.pid'}")])
+    return result.faults[0]

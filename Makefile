@@ -1,6 +1,6 @@
 # make serve [ARGS="--port 9000 --devices cpu:4"]
 # make test  [PYTEST_ARGS="tests/test_config.py -x"]
-# make bench (bench/serving_core.sh, then bench/fault_tolerance.sh; results in docs/bench/)
+# make bench (bench/serving_core.sh, bench/fault_tolerance.sh, bench/peer_restart.sh; results in docs/bench/)
 # Each creates or reuses .venv and install into it first (quick when nothing changed).
 
 PYTHON ?= python3
@@ -25,6 +25,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	bash bench/serving_core.sh
 	bash bench/fault_tolerance.sh
+	bash bench/peer_restart.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -94,9 +94,10 @@ class WorkerHandle:
 def _worker_environment():
     """Workers' large allocations (KV cache, packed weights) on transparent huge pages: a SIGKILLed
     worker's memory is then torn down in ~5 ms instead of ~80 ms per GB of 4 KiB pages (measured
-    here), and only then does the kernel close its channel and report it dead. It costs more at
-    first touch (zeroing 500 MB: 0.58 s instead of 0.10 s on this VM), at hosting time, off the
-    serving path. glibc >= 2.35 honours it; others ignore the unknown tunable."""
+    here), and only then does the kernel close its channel and report it dead. A page costs more at
+    first touch (500 MB: 0.58 s instead of 0.10 s on this VM): the packed weights pay it when a
+    stage is hosted, the KV cache as requests first fill it. glibc >= 2.35 honours the tunable;
+    others ignore it."""
     old = os.environ.get("GLIBC_TUNABLES")
     os.environ["GLIBC_TUNABLES"] = f"{old}:{HUGE_PAGES_TUNABLE}" if old else HUGE_PAGES_TUNABLE
     try:

@@ -114,9 +114,9 @@ class Worker:
             return kv, cache() if msg.replica_pool else None, StageModel(
                 weights, spec, msg.first_layer, msg.last_layer, msg.is_first, msg.is_last, kv, self.device)
 
-        # On CPU, building the stage (zeroing the KV cache, packing the weights for oneDNN) takes
-        # ~0.3 s of a core that the serving workers need while a spare rehosts after a failure:
-        # it runs at a lower priority so that serving goes first.
+        # On CPU, building the stage (packing the weights for oneDNN) takes a few tenths of a second
+        # of a core that the serving workers need while a spare rehosts after a failure: it runs at
+        # a lower priority so that serving goes first.
         kv, self.replica_kv, model = _at_low_priority(build) if self.device.type == "cpu" else build()
         if self.device.type == "cpu" and msg.weights_dir is None:
             drop_mapped_pages(weights)

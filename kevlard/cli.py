@@ -84,7 +84,7 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--timeout-s", type=float, default=300.0, metavar="X",
                        help="give up on a request after X s (default 300)")
     bench.add_argument("--fault", action="append", default=[], metavar="KIND@TIME[:worker=ID]",
-                       help="inject a fault (kill, hang, slow, device_error) TIME after the start, e.g. "
+                       help="inject a fault (kill, hang, slow, device_error, step_error) TIME after the start, e.g. "
                             "kill@5s, hang@8s:worker=3, slow@500ms:duration=2s; repeatable")
     bench.add_argument("--fault-stage", type=int, metavar="S",
                        help="a fault without worker= hits stage S of pipeline 0 (default: the middle one)")

@@ -19,6 +19,7 @@ from kevlard.scheduler.request import Request
 from kevlard.scheduler.scheduler import Scheduler, StepPlan
 
 log = logging.getLogger("kevlard.engine")
+OWN_STEP_FAILURE_LIMIT = 3  # steps a live worker may fail by itself in a row before it is fenced
 
 
 def default_microbatches(topo) -> int:
@@ -53,6 +54,7 @@ class KevlarEngine:
         self.metrics = None  # kevlard.metrics.Metrics, attached by the daemon
         self._background: list[asyncio.Task] = []
         self._last_step_done = time.monotonic()
+        self._own_failures: dict[int, int] = {}  # worker -> steps it failed itself, in a row
         self._shutting_down = False
         self._dead_reason: str | None = None
         self.stats = {"requests_finished": 0, "tokens_generated": 0, "steps": 0, "steps_failed": 0}
@@ -148,8 +150,8 @@ class KevlarEngine:
     # ---------------------------------------------------------------- faults
 
     def inject_fault(self, worker: int, kind: str, duration_s: float | None = None) -> dict:
-        if kind not in ("kill", "hang", "slow", "device_error"):
-            raise ValueError(f"unknown fault kind {kind!r}: kill, hang, slow or device_error")
+        if kind not in m.FAULT_KINDS:
+            raise ValueError(f"unknown fault kind {kind!r}: {', '.join(m.FAULT_KINDS)}")
         if duration_s is not None and not duration_s > 0:
             raise ValueError(f"duration_s must be > 0, got {duration_s!r}")
         w = self.cluster.workers.get(worker)
@@ -263,6 +265,7 @@ class KevlarEngine:
 
     def _on_worker_message(self, wid: int, msg: object) -> None:
         if isinstance(msg, m.StepDone):
+            self._own_failures.pop(wid, None)
             entry = self._dispatched.get(msg.step_id)
             if entry is None or wid != entry[2]:
                 return  # an intermediate stage, or a step already written off
@@ -281,6 +284,7 @@ class KevlarEngine:
         elif isinstance(msg, m.StepFailed):
             log.warning("worker %d failed step %d: %s", wid, msg.step_id, msg.error.splitlines()[0])
             self._step_failed(msg.step_id, msg.error)
+            self._count_own_failure(wid, msg)
         elif isinstance(msg, m.ReplicaAck):
             p, s = msg.pipeline, msg.stage
             if (self.cluster.routes[p][s] == msg.source and self.cluster.pool(p, s) == "primary"
@@ -291,6 +295,20 @@ class KevlarEngine:
                 self.recovery.on_worker_failure_report(wid, msg.kind, msg.message)
             else:
                 log.error("worker %d reports %s: %s", wid, msg.kind, msg.message)
+
+    def _count_own_failure(self, wid: int, msg: m.StepFailed) -> None:
+        """A worker that is alive and heartbeating but fails every step it runs itself (a corrupted
+        state, a broken device it does not report) is fenced like a dead one: the route moves off
+        it. Failures caused by a link or a neighbour do not count against it."""
+        if not msg.own:
+            return
+        self._own_failures[wid] = self._own_failures.get(wid, 0) + 1
+        if self._own_failures[wid] >= OWN_STEP_FAILURE_LIMIT:
+            self._own_failures.pop(wid)
+            log.error("worker %d failed %d steps in a row itself: fencing it", wid, OWN_STEP_FAILURE_LIMIT)
+            if self.recovery is not None:
+                self.recovery.on_worker_failure_report(wid, "step_errors", msg.error.splitlines()[0])
+            self.cluster.fence(wid, "step_errors")
 
     def _step_failed(self, step_id: int, why: str) -> None:
         entry = self._dispatched.get(step_id)

@@ -87,9 +87,13 @@ class MoveKV:
     block_ids: tuple[int, ...]
 
 
+# kill: SIGKILL from outside; the others are carried out inside the worker (gpu/worker.py)
+FAULT_KINDS = ("kill", "hang", "slow", "device_error", "step_error")
+
+
 @dataclass(frozen=True)
 class InjectFault:
-    kind: str  # hang | slow | device_error
+    kind: str  # hang | slow | device_error | step_error
     duration_s: float | None = None
 
 
@@ -146,6 +150,7 @@ class StepFailed:
     worker_id: int
     step_id: int
     error: str
+    own: bool = False  # the worker itself failed the step (not its link, not a neighbour)
 
 
 @dataclass(frozen=True)

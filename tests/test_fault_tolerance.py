@@ -170,6 +170,18 @@ def test_fault_is_survived_twice(model_dir, reference, tmp_path, kind, stage):
             assert "event reroute" in log and "event restore" in log
 
 
+def test_a_live_worker_whose_steps_keep_failing_is_fenced_and_nothing_is_lost(model_dir, reference, tmp_path):
+    with running_daemon(daemon_args(model_dir, tmp_path), tmp_path) as daemon:
+        url = daemon.url
+        victim = httpx.get(url + "/api/cluster").json()["pipelines"][0]["route"][1]
+        got = run_load(url, lambda: inject(url, victim, "step_error"))
+        assert_same(got, reference)
+        snap = wait_restored(url)
+        worker = next(w for w in snap["workers"] if w["id"] == victim)
+        assert worker["state"] == "dead" and snap["recovery"]["failures"] == 1
+        assert "fencing it" in daemon.log() and "event reroute" in daemon.log()
+
+
 def test_slow_worker_keeps_answers(model_dir, reference, tmp_path):
     with running_daemon(daemon_args(model_dir, tmp_path), tmp_path) as daemon:
         routes = [pl["route"] for pl in httpx.get(daemon.url + "/api/cluster").json()["pipelines"]]

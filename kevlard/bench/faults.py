@@ -25,9 +25,9 @@ import httpx
 
 from kevlard.bench.errors import MAX_ERROR_CHARS, BenchError
 from kevlard.bench.report import FaultRecord
+from kevlard.messages import FAULT_KINDS  # what POST /api/faults accepts
 
 ADMIN_TIMEOUT_S = 10.0  # GET /api/cluster and POST /api/faults, each
-FAULT_KINDS = ("kill", "hang", "slow", "device_error")  # what POST /api/faults accepts
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ class Worker:
         self.hung = threading.Event()
         self.slow_s = 0.0
         self.slow_until = 0.0
+        self.step_error_until = 0.0
 
     # ---------------------------------------------------------------- channel
 
@@ -185,6 +186,8 @@ class Worker:
             self.hung.set()
             time.sleep(msg.duration_s if msg.duration_s else 10 ** 9)
             self.hung.clear()
+        elif msg.kind == "step_error":  # alive, heartbeating, and every step fails
+            self.step_error_until = time.monotonic() + (msg.duration_s or 10 ** 9)
         elif msg.kind == "slow":
             self.slow_s = 0.2
             self.slow_until = time.monotonic() + (msg.duration_s or 10 ** 9)
@@ -213,7 +216,8 @@ class Worker:
                 self.send(m.WorkerFailure(self.id, "device_error", str(e)))
                 os._exit(3)
             self._abort_downstream(step)
-            self.send(m.StepFailed(self.id, step.step_id, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+            self.send(m.StepFailed(self.id, step.step_id, f"{type(e).__name__}: {e}\n{traceback.format_exc()}",
+                                   own=True))
 
     def _abort_downstream(self, step: m.Step) -> None:
         """Tell the next stage this step will not come, so it does not wait for it (or worse,
@@ -231,6 +235,8 @@ class Worker:
         from kevlard.gpu.sampler import sample_row
         from kevlard.gpu.stage import ChunkView
 
+        if time.monotonic() < self.step_error_until:
+            raise RuntimeError("simulated step error (fault injection)")
         torch = self.torch
         chunks = step.chunks
         stage = self._stage()

@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from kevlard.api_types import Engine, EngineError
+from kevlard.messages import FAULT_KINDS
 from kevlard.web import errors
 from kevlard.web.errors import APIError
 from kevlard.web.ops_api import resolve
@@ -26,7 +27,6 @@ from kevlard.web.request_params import read_json_body
 
 log = logging.getLogger(__name__)
 
-FAULT_KINDS = ("kill", "hang", "slow", "device_error")
 ADMIN_COOKIE = "kevlard_admin"
 MAX_FAULT_BODY_BYTES = 64 * 1024
 _DEFAULT_PORTS = {"http": 80, "https": 443}

@@ -152,7 +152,7 @@ def format_comparison_markdown(results: Sequence[BenchResult],
     for result, share in zip(results, shares):
         summary = result.summary
         metrics = result.fault_metrics
-        first = next((m for m in metrics if m.get("ok")), {})
+        first = _first_fault(result)
         window = first.get("window") or {}
         recovery = result.settings.get("overrides", {}).get("recovery", "-")
         faults = ", ".join(f"{m['kind']}@{m['at_s']:g}s" + ("" if m.get("ok") else " (not injected)")
@@ -170,6 +170,11 @@ def format_comparison_markdown(results: Sequence[BenchResult],
     return "\n".join(lines)
 
 
+def _first_fault(result: BenchResult) -> dict[str, Any]:
+    """The metrics of the run's first fault that was injected ({} when none was)."""
+    return next((m for m in result.fault_metrics if m.get("ok")), {})
+
+
 _RATIO_KEYS = (("probe first token", "probe_first_token_s", None),
                ("latency mean (window)", "latency_mean_s", "window"),
                ("latency p99 (window)", "latency_p99_s", "window"),
@@ -180,18 +185,15 @@ _RATIO_KEYS = (("probe first token", "probe_first_token_s", None),
 def headline_ratios(results: Sequence[BenchResult]) -> list[dict[str, Any]]:
     """For each faulted run other than kevlar's: how many times longer than kevlar's each
     figure of its first injected fault is (restart / kevlar; None where a side has no value)."""
-    def first_fault(result: BenchResult) -> dict[str, Any]:
-        return next((m for m in result.fault_metrics if m.get("ok")), {})
-
     kevlar = next((r for r in results if r.settings.get("overrides", {}).get("recovery") == "kevlar"), None)
     if kevlar is None:
         return []
-    base = first_fault(kevlar)
+    base = _first_fault(kevlar)
     rows = []
     for result in results:
         if result is kevlar or result.label == REFERENCE_LABEL:
             continue
-        other = first_fault(result)
+        other = _first_fault(result)
         ratios = {}
         for name, key, section in _RATIO_KEYS:
             a = (base.get(section) or {}).get(key) if section else base.get(key)

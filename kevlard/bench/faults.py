@@ -156,11 +156,11 @@ async def _inject(admin: httpx.AsyncClient, base: str, spec: FaultSpec, stage: i
     delay = spec.at_s - now()
     if delay > 0:
         await asyncio.sleep(delay)
+    if spec.pidfile is not None:
+        return await _kill_process(admin, base, spec, start, model)
     worker, picked_stage = spec.worker, None
     injected_s = acked_s = status_code = probe_first_token_s = None
     error: str | None = None
-    if spec.pidfile is not None:
-        return await _kill_process(admin, base, spec, start, model)
     try:
         if worker is None:
             worker, picked_stage = await pick_worker(admin, base, stage)

@@ -47,7 +47,6 @@ class Linear:
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         self.bias = bias
-        self.out_features, self.in_features = weight.shape
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous()) if _onednn_packs(weight) else None
         self.weight = None if self.packed is not None else weight
 

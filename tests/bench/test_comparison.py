@@ -129,7 +129,8 @@ def test_compare_kevlar_and_restart_under_a_kill(bench_config, tmp_path, capsys)
     # (the restart itself may end after the load: the other pipeline served it all)
     assert runs[2]["recovery"]["failures"] == 1 and runs[2]["recovery"]["reroutes"] == 0
     ratios = document["ratios"][0]
-    assert ratios["run"] == emulated and ratios["ratios"]["probe first token"] > 0
+    assert ratios["run"] == emulated and ratios["against"] == "kevlar"
+    assert {"probe first token", "latency p99 (window)", "TTFT mean (window)"} <= set(ratios["ratios"])
     assert "event reroute" in (tmp_path / "work" / "1-kevlar.log").read_text()
     restart_log = next((tmp_path / "work").glob("2-restart*.log")).read_text()
     assert "event restart" in restart_log and "restart_reload_emulated" in restart_log

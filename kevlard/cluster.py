@@ -90,11 +90,9 @@ class Cluster:
 
     async def start(self, stage_commands: Callable[[int], m.HostStage]) -> None:
         """Host each pipeline's stages and open each pipeline's links."""
-        import torch.distributed as dist
-
         if not self.workers:
             self.spawn_pipeline_workers()
-        self._store = dist.TCPStore(self.store_host, 0, is_master=True, wait_for_workers=False)
+        self.start_store()
         await self._wait_ready(list(self.workers))
         hosts = []
         for p, route in enumerate(self.routes):
@@ -121,6 +119,12 @@ class Cluster:
         links += [self.open_link(self.routes[p][s], holder, "repl")
                   for (p, s), holder in self.replica_holder.items() if holder is not None]
         await asyncio.gather(*links)
+
+    def start_store(self) -> None:
+        """The rendezvous store through which pairs of workers find each other to open a link."""
+        import torch.distributed as dist
+
+        self._store = dist.TCPStore(self.store_host, 0, is_master=True, wait_for_workers=False)
 
     async def ensure_link(self, a: int, b: int) -> None:
         """An activation link from a to b, opened unless it already is."""

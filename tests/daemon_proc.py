@@ -77,6 +77,10 @@ def running_daemon(args: list[str], tmp_path: Path, **kw):
     daemon = start_daemon(args, tmp_path, **kw)
     try:
         yield daemon
+    except BaseException:
+        # the daemon's own account of what happened goes into the failure report (CI shows it)
+        print(f"--- daemon log (last 8000 characters) ---\n{daemon.log()[-8000:]}", file=sys.stderr)
+        raise
     finally:
         code = daemon.stop()
         assert code == 0, f"daemon exited with {code}:\n{daemon.log()[-3000:]}"

@@ -31,3 +31,31 @@ async def test_worker_dying_at_start_is_reported_with_its_exit_code():
     with pytest.raises(WorkerStartError, match="exit code 7"):
         await asyncio.wait_for(cluster.start(lambda s: None), 60)
     cluster.stop(1.0)
+
+
+async def test_a_peer_dying_before_it_joins_a_link_holds_up_no_other_link():
+    """A spare killed half-way through opening its links left its peer waiting in the rendezvous
+    for the whole link timeout, and every link asked of that peer meanwhile queued behind it: the
+    next spare's links timed out too, and so on (seen in CI: a stage never came back)."""
+    from kevlard import messages as m
+    from kevlard.launcher import LocalLauncher
+
+    topo = plan_topology(ClusterConfig(devices="cpu:3", pipelines=1, stages=3, spares=0), 0)
+    cluster = Cluster(topo, LocalLauncher(0.1), "127.0.0.1", link_timeout_s=300.0, start_timeout_s=300.0,
+                      threads_per_worker=1)
+    try:
+        cluster.spawn_pipeline_workers()
+        cluster.start_store()
+        await cluster.wait_ready(0), await cluster.wait_ready(1), await cluster.wait_ready(2)
+        # worker 0 starts a link to worker 2; worker 2 is killed before it takes its side
+        waiting = asyncio.ensure_future(cluster.command(0, m.OpenLink(
+            cluster.next_cmd_id(), 2, "act-0-2-orphan", 0, "127.0.0.1", cluster._store.port, 300.0, "act")))
+        await asyncio.sleep(0.5)
+        cluster.fence(2, "kill")
+        # the link worker 0 is asked for next opens now, not after the orphan's 300 s timeout
+        await asyncio.wait_for(cluster.open_link(0, 1), 60)
+        assert (0, 1) in cluster.act_pairs
+        assert not waiting.done()
+        waiting.cancel()
+    finally:
+        cluster.stop(2.0)

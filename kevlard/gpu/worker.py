@@ -1,8 +1,9 @@
 """The worker process: owns one device, hosts stages, runs steps, and reports over its channel.
 
 It runs commands in the order the daemon sent them (so every worker of a route sees micro-batches
-in the same order), sends a heartbeat from a thread, and exits when the daemon's end of the
-channel closes, so a crashed daemon leaves no orphan behind.
+in the same order), except that links connect on threads of their own (a rendezvous waits for the
+peer); it sends a heartbeat from a thread, and exits when the daemon's end of the channel closes,
+so a crashed daemon leaves no orphan behind.
 """
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ class Worker:
         self.stages: dict[int, object] = {}  # pipeline-independent: stage index -> StageModel
         self.replica_kv = None  # KVCache mirroring the block ids of the pipeline it is buddy for
         self.links: dict[tuple[str, int], object] = {}  # (purpose, peer worker id) -> Link
+        self._links_lock = threading.Lock()
+        self._opening: dict[tuple[str, int], str] = {}  # key -> name of the link being connected
         self.replica_sender = None
         self.replica_receivers: dict[int, object] = {}
         self.steps_done = 0
@@ -73,7 +76,11 @@ class Worker:
         elif isinstance(msg, m.HostStage):
             self._reply(msg.cmd_id, self._host_stage, msg)
         elif isinstance(msg, m.OpenLink):
-            self._reply(msg.cmd_id, self._open_link, msg)
+            # Connecting waits for the peer (up to the link timeout): on a thread of its own, so that
+            # a peer dying half-way through the rendezvous never stalls this worker's steps or the
+            # next link the daemon asks for.
+            threading.Thread(target=self._reply, args=(msg.cmd_id, self._open_link, msg),
+                             name=f"open-{msg.name}", daemon=True).start()
         elif isinstance(msg, m.CloseLink):
             self._reply(msg.cmd_id, self._close_link, msg)
         elif isinstance(msg, m.MoveKV):
@@ -133,21 +140,27 @@ class Worker:
         # a pair of workers may replicate both ways: each direction is its own link
         purpose = msg.purpose if msg.purpose != "repl" else ("repl-out" if msg.rank == 0 else "repl-in")
         key = (purpose, msg.peer)
-        old = self.links.pop(key, None)
-        if old is not None:
-            old.close()
+        with self._links_lock:
+            self._opening[key] = msg.name
         # a replica receiver waits between shipments for as long as its source lives
         recv_timeout = 7 * 24 * 3600.0 if purpose == "repl-in" else None
         link = Link(msg.name, msg.rank, msg.store_host, msg.store_port, msg.timeout_s, recv_timeout)
-        self.links[key] = link
-        if msg.purpose == "repl" and msg.rank == 0:
-            if self.replica_sender is not None:
-                self.replica_sender.close()
-            self.replica_sender = ReplicaSender(link, self._stage().kv)
-        elif msg.purpose == "repl":
-            if self.replica_kv is None:
-                raise RuntimeError(f"worker {self.id} has no replica pool")
-            self.replica_receivers[msg.peer] = ReplicaReceiver(link, self.replica_kv, msg.peer, self._ack)
+        with self._links_lock:
+            if self._opening.get(key) != msg.name:  # closed, or opened anew, while it connected
+                link.close()
+                raise RuntimeError(f"link {msg.name} superseded while connecting")
+            del self._opening[key]
+            old, self.links[key] = self.links.get(key), link
+            if old is not None:
+                old.close()
+            if msg.purpose == "repl" and msg.rank == 0:
+                if self.replica_sender is not None:
+                    self.replica_sender.close()
+                self.replica_sender = ReplicaSender(link, self._stage().kv)
+            elif msg.purpose == "repl":
+                if self.replica_kv is None:
+                    raise RuntimeError(f"worker {self.id} has no replica pool")
+                self.replica_receivers[msg.peer] = ReplicaReceiver(link, self.replica_kv, msg.peer, self._ack)
         return {}
 
     def _ack(self, source: int, pipeline: int, stage: int, upto: tuple[tuple[int, int, int], ...]) -> None:
@@ -157,7 +170,10 @@ class Worker:
             os._exit(0)
 
     def _close_link(self, msg: m.CloseLink) -> dict:
-        link = self.links.pop((msg.purpose, msg.peer), None) or self.links.pop(("repl-out", msg.peer), None)
+        with self._links_lock:
+            for key in ((msg.purpose, msg.peer), ("repl-out", msg.peer)):
+                self._opening.pop(key, None)
+            link = self.links.pop((msg.purpose, msg.peer), None) or self.links.pop(("repl-out", msg.peer), None)
         if link is not None:
             link.close()
         return {}

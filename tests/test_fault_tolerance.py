@@ -182,6 +182,19 @@ def test_a_live_worker_whose_steps_keep_failing_is_fenced_and_nothing_is_lost(mo
         assert "fencing it" in daemon.log() and "event reroute" in daemon.log()
 
 
+def test_a_worker_failing_a_few_steps_by_itself_serves_the_next_ones(model_dir, reference, tmp_path):
+    """A middle stage that fails a step before reading its input left that input on the link, and
+    every later step read its predecessor's: the worker failed forever without being fenced."""
+    with running_daemon(daemon_args(model_dir, tmp_path), tmp_path) as daemon:
+        url = daemon.url
+        victim = httpx.get(url + "/api/cluster").json()["pipelines"][0]["route"][1]
+        got = run_load(url, lambda: inject(url, victim, "step_error", 0.01))
+        assert_same(got, reference)
+        snap = httpx.get(url + "/api/cluster").json()
+        assert snap["stats"]["steps_failed"] >= 1  # the fault did land
+        assert "event request_failed" not in daemon.log()
+
+
 def test_slow_worker_keeps_answers(model_dir, reference, tmp_path):
     with running_daemon(daemon_args(model_dir, tmp_path), tmp_path) as daemon:
         routes = [pl["route"] for pl in httpx.get(daemon.url + "/api/cluster").json()["pipelines"]]

@@ -36,6 +36,7 @@ class Link:
         except RuntimeError as e:
             raise LinkError(f"link {name}: could not connect: {e}") from e
         self._peer = 1 - rank
+        self._next_header: tuple[int, int] | None = None  # read ahead, belongs to a later step
         self.recv_timeout = datetime.timedelta(seconds=recv_timeout_s) if recv_timeout_s else self.timeout
         self.closed = False
 
@@ -58,8 +59,12 @@ class Link:
         return buf
 
     # Activations travel as a header [step_id, rows] and, unless rows is ABORT, the rows. Every
-    # step sends exactly one header down each link it crosses, even a step that failed upstream,
-    # so a receiver never takes one step's data for another's.
+    # step sends exactly one header down each link it crosses, even a step that failed upstream.
+    # Step ids only grow along a link, so a receiver re-synchronises by itself: a step it failed
+    # before reading (a stale header) is skipped, and a header of a later step than the one it
+    # waits for (the sender never got to this one) is kept for that later step. Without this,
+    # one step failed before its receive left every later step on the link reading its
+    # predecessor's rows: failing forever.
     ABORT = -1
 
     def send_step(self, step_id: int, hidden: torch.Tensor | None) -> None:
@@ -69,13 +74,22 @@ class Link:
             self.send(hidden)
 
     def recv_step(self, step_id: int, width: int, dtype: torch.dtype) -> torch.Tensor:
-        got_step, rows = self.recv((2,), torch.long).tolist()
-        if rows == self.ABORT:
-            raise StepAborted(f"step {got_step} failed upstream")
-        hidden = self.recv((rows, width), dtype)
-        if got_step != step_id:
-            raise LinkError(f"link {self.name}: expected step {step_id}, got {got_step}")
-        return hidden
+        while True:
+            if self._next_header is not None:
+                (got_step, rows), self._next_header = self._next_header, None
+            else:
+                got_step, rows = self.recv((2,), torch.long).tolist()
+            if got_step > step_id:
+                self._next_header = (got_step, rows)
+                raise StepAborted(f"step {step_id} never came down link {self.name} (next: step {got_step})")
+            if rows == self.ABORT:
+                if got_step == step_id:
+                    raise StepAborted(f"step {got_step} failed upstream")
+                continue  # a stale abort
+            hidden = self.recv((rows, width), dtype)
+            if got_step == step_id:
+                return hidden
+            # the rows of a step this worker failed before reading them: dropped
 
     def close(self) -> None:
         if not self.closed:

@@ -140,26 +140,31 @@ async def _load_and_serve(config: Config, topo, cluster, t0: float) -> int:
         kv_dtype_size = 4 if config.model.dtype in ("float16", "bfloat16") else 8  # gpu/kv_cache.attention_dtype
         max_layers = max(b - a for a, b in bounds)
         per_block = bytes_per_block(max_layers, config.kv.block_size, spec.num_kv_heads, spec.head_dim, kv_dtype_size)
-        # with replication, the rest of the memory is a replica pool mirroring the buddy's block ids
+        # with replication, kv.replica_fraction of the memory is a replica pool for the buddy's stage;
+        # it holds the buddy's block ids below its size, so it is never larger than the pipeline's pool
         share = 1.0 - config.kv.replica_fraction if cluster.replication else 1.0
         num_blocks = config.kv.num_blocks or max(1, int(config.kv.memory_mb * 2 ** 20 * share) // per_block)
+        replica_blocks = min(num_blocks, max(1, round(num_blocks * config.kv.replica_fraction / share))) \
+            if cluster.replication else 0
 
         def stage_command(s: int, replica_pool: bool = cluster.replication, from_disk: bool = False) -> HostStage:
             first, last = bounds[s]
             is_first, is_last = s == 0, s == topo.stages - 1
             return HostStage(cluster.next_cmd_id(), s, first, last, is_first, is_last,
                              store.stage_handle(first, last, is_first, is_last), spec, num_blocks,
-                             config.kv.block_size, config.model.dtype, replica_pool,
+                             config.kv.block_size, config.model.dtype, replica_blocks if replica_pool else 0,
                              str(source.weights_dir) if from_disk else None)
 
         await cluster.start(stage_command)
         # one request must fit in one pipeline's KV blocks
         max_model_len = min(max_model_len, num_blocks * config.kv.block_size)
         engine = KevlarEngine(config, source, tokenizer, cluster, num_blocks, max_model_len)
+        engine.replica_blocks = replica_blocks or num_blocks
         engine.recovery = Recovery(engine, stage_command, str(source.weights_dir))
         engine.start_background()
-        log.info("%d pipeline workers up, %d KV blocks of %d tokens per worker, %d thread(s) each",
-                 topo.pipelines * topo.stages, num_blocks, config.kv.block_size, cluster.threads_per_worker)
+        log.info("%d pipeline workers up, %d KV blocks of %d tokens per worker (and %d in a replica pool), "
+                 "%d thread(s) each", topo.pipelines * topo.stages, num_blocks, config.kv.block_size,
+                 replica_blocks, cluster.threads_per_worker)
         return await _run_http(config, engine, t0, cluster.start_spares)
     finally:
         store.close()

@@ -51,6 +51,7 @@ class KevlarEngine:
         self._dispatched: dict[int, tuple[StepPlan, float, int]] = {}  # step_id -> (plan, sent_at, last worker)
         self.events = EventLog()
         self.recovery = None  # kevlard.recovery.Recovery, attached by the daemon
+        self.replica_blocks = num_blocks  # the size of a buddy's replica pool, set by the daemon
         self.metrics = None  # kevlard.metrics.Metrics, attached by the daemon
         self._background: list[asyncio.Task] = []
         self._last_step_done = time.monotonic()

@@ -26,7 +26,7 @@ class HostStage:
     num_blocks: int
     block_size: int
     dtype: str
-    replica_pool: bool = False  # also allocate a pool mirroring the block ids of the stage it is buddy for
+    replica_blocks: int = 0  # a replica pool for the stage it is buddy for: the block ids below this
     weights_dir: str | None = None  # load from disk instead of the host store (recovery = "restart")
 
 

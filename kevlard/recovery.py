@@ -160,6 +160,8 @@ class Recovery:
             sched.deactivate(p)  # its requests replay elsewhere; the restore that follows brings it back
             self.engine.pump_all()
             return
+        # the buddy's replica pool holds the block ids below its size: the pipeline stays below it
+        sched.limit_blocks(p, self.engine.replica_blocks)
         resumed = sched.resume_after_failover(p, s)
         sched.forget_replicas(p, s)
         self._count_resumed(resumed)
@@ -241,6 +243,8 @@ class Recovery:
             switch_replicas()
             route[s] = spare
             cluster.pools.pop((p, s), None)
+            if not any(cluster.pool(p, t) == "replica" for t in range(len(route))):
+                sched.limit_blocks(p, None)  # every stage on a pool of its own again
             cluster.workers[spare].state = "healthy"
             cluster.workers[spare].stage = s
             cluster.workers[spare].layers = cluster.workers[current].layers if current in cluster.workers else None

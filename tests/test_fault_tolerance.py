@@ -195,6 +195,22 @@ def test_a_worker_failing_a_few_steps_by_itself_serves_the_next_ones(model_dir, 
         assert "event request_failed" not in daemon.log()
 
 
+def test_a_replica_pool_smaller_than_the_pipelines_replicates_what_fits_and_replays_the_rest(
+        model_dir, reference, tmp_path):
+    # 48 blocks per pipeline; a replica pool of 8 % of the memory holds 4: a request's first blocks
+    extra = "[kv]\nnum_blocks = 48\nreplica_fraction = 0.08\n"
+    with running_daemon(daemon_args(model_dir, tmp_path, extra=extra), tmp_path) as daemon:
+        url = daemon.url
+        assert "48 KV blocks of 16 tokens per worker (and 4 in a replica pool)" in daemon.log()
+        victim = httpx.get(url + "/api/cluster").json()["pipelines"][0]["route"][1]
+        got = run_load(url, lambda: inject(url, victim, "kill"))
+        assert_same(got, reference)
+        snap = wait_restored(url)
+        print(snap["recovery"])
+        assert snap["recovery"]["requests_resumed_replica"] >= 1  # what fitted resumed from the replica
+        assert snap["recovery"]["requests_replayed"] >= 1  # what held a block past it started again
+
+
 def test_slow_worker_keeps_answers(model_dir, reference, tmp_path):
     with running_daemon(daemon_args(model_dir, tmp_path), tmp_path) as daemon:
         routes = [pl["route"] for pl in httpx.get(daemon.url + "/api/cluster").json()["pipelines"]]

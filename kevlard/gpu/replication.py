@@ -1,6 +1,10 @@
 """Background KV replication: each stage ships the KV its steps write to its buddy, off the step's
 critical path, and the buddy reports how far each request is replicated.
 
+The buddy's replica pool holds the block ids below its size (`kv.replica_fraction`): what a step
+writes into a block past it is not shipped, and the span reported for the request ends where
+that block begins, so its watermark stops there.
+
 Wire format on a `repl` link, per shipment: a header [num_slots, num_reqs, pipeline, stage]
 (int64), a body [slots..., req_id, start, end, ...] (int64), then the KV of those slots
 [2, L, num_slots, kvh, hd]. Shipments are FIFO, so a block that was freed and reused is always
@@ -29,9 +33,10 @@ SHIP_INTERVAL_S = 0.02
 class ReplicaSender:
     """Owns the outgoing `repl` link; a thread drains queued steps and ships their KV."""
 
-    def __init__(self, link: Link, kv: KVCache):
+    def __init__(self, link: Link, kv: KVCache, replica_blocks: int):
         self.link = link
         self.kv = kv
+        self.replica_blocks = replica_blocks
         self._queue: queue.Queue = queue.Queue()
         self.alive = True
         self._thread = threading.Thread(target=self._run, name="replica-sender", daemon=True)
@@ -76,9 +81,14 @@ class ReplicaSender:
     def _ship(self, pipeline: int, stage: int, entries) -> None:
         slots, spans = [], {}
         for req_id, start, n, table in entries:
-            slots.append(self.kv.slots(table, start, start + n))
-            first, end = spans.get(req_id, (start, start + n))
-            spans[req_id] = (min(first, start), max(end, start + n))
+            end = replicable_end(table, start, start + n, self.kv.block_size, self.replica_blocks)
+            if end <= start:
+                continue
+            slots.append(self.kv.slots(table, start, end))
+            first, last = spans.get(req_id, (start, end))
+            spans[req_id] = (min(first, start), max(last, end))
+        if not slots:
+            return
         slot_t = torch.cat(slots)
         body = torch.tensor(slot_t.tolist() + [x for req, (a, b) in spans.items() for x in (req, a, b)],
                             dtype=torch.long)
@@ -89,6 +99,15 @@ class ReplicaSender:
         self.link.send(header)
         self.link.send(body)
         self.link.send(values)
+
+
+def replicable_end(table, start: int, end: int, block_size: int, replica_blocks: int) -> int:
+    """Where the tokens [start, end) stop fitting the replica pool: the first token that lies in
+    a block whose id is past the pool's size (`end` when they all fit)."""
+    for i in range(start // block_size, -(-end // block_size)):
+        if table[i] >= replica_blocks:
+            return max(start, i * block_size)
+    return end
 
 
 class ReplicaReceiver:

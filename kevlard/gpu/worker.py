@@ -32,6 +32,7 @@ class Worker:
         self._links_lock = threading.Lock()
         self._opening: dict[tuple[str, int], str] = {}  # key -> name of the link being connected
         self.replica_sender = None
+        self.replica_blocks = 0  # the size of every replica pool: only block ids below it are shipped
         self.replica_receivers: dict[int, object] = {}
         self.steps_done = 0
         self.hung = threading.Event()
@@ -113,13 +114,13 @@ class Worker:
         spec = msg.spec
         dtype = attention_dtype(getattr(self.torch, msg.dtype))
 
-        def cache() -> KVCache:
-            return KVCache(msg.last_layer - msg.first_layer, msg.num_blocks, msg.block_size, spec.num_kv_heads,
+        def cache(num_blocks: int) -> KVCache:
+            return KVCache(msg.last_layer - msg.first_layer, num_blocks, msg.block_size, spec.num_kv_heads,
                            spec.head_dim, dtype, self.device)
 
         def build():
-            kv = cache()
-            return kv, cache() if msg.replica_pool else None, StageModel(
+            kv = cache(msg.num_blocks)
+            return kv, cache(msg.replica_blocks) if msg.replica_blocks else None, StageModel(
                 weights, spec, msg.first_layer, msg.last_layer, msg.is_first, msg.is_last, kv, self.device)
 
         # On CPU, building the stage (packing the weights for oneDNN) takes a few tenths of a second
@@ -130,7 +131,9 @@ class Worker:
             drop_mapped_pages(weights)
         self.stages.clear()
         self.stages[msg.stage] = model
-        return {"host_s": time.monotonic() - t0, "kv_bytes": kv.nbytes * (2 if msg.replica_pool else 1)}
+        self.replica_blocks = msg.replica_blocks
+        replica_bytes = self.replica_kv.nbytes if self.replica_kv is not None else 0
+        return {"host_s": time.monotonic() - t0, "kv_bytes": kv.nbytes + replica_bytes}
 
     def _open_link(self, msg: m.OpenLink) -> dict:
         from kevlard.gpu.link import Link
@@ -156,7 +159,7 @@ class Worker:
             if msg.purpose == "repl" and msg.rank == 0:
                 if self.replica_sender is not None:
                     self.replica_sender.close()
-                self.replica_sender = ReplicaSender(link, self._stage().kv)
+                self.replica_sender = ReplicaSender(link, self._stage().kv, self.replica_blocks)
             elif msg.purpose == "repl":
                 if self.replica_kv is None:
                     raise RuntimeError(f"worker {self.id} has no replica pool")

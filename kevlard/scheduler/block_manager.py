@@ -6,9 +6,16 @@ request whose leading full blocks match published ones shares them (reference co
 computing after them. A block nobody uses any more stays published, evictable, until its space is
 needed (least recently freed first). Shared blocks are never written: a request always computes at
 least its last prompt token itself, into a block of its own.
+
+Free blocks are handed out lowest id first. With KV replication, the buddy's replica pool may be
+smaller than the pipeline's (`kv.replica_fraction`): it holds the blocks whose ids are below its
+size, so a lightly loaded pipeline is replicated whole and, under memory pressure, the blocks past
+it simply go without a replica. While a stage is served from that pool, `limit` keeps the
+pipeline's allocations below its size.
 """
 from __future__ import annotations
 
+import heapq
 from collections import OrderedDict
 
 from kevlard.scheduler.request import Request
@@ -21,7 +28,8 @@ class BlockManager:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.prefix_caching = prefix_caching
-        self._free: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
+        self._free: list[int] = list(range(num_blocks))  # a heap: the lowest free id first
+        self.limit = num_blocks  # block ids at or past it are not handed out (see the module doc)
         self._refs = [0] * num_blocks
         self._key_of: dict[int, tuple] = {}  # published block -> its key
         self._by_key: dict[tuple, int] = {}  # key -> published block
@@ -29,7 +37,9 @@ class BlockManager:
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free) + len(self._evictable)
+        if self.limit >= self.num_blocks:
+            return len(self._free) + len(self._evictable)
+        return sum(1 for b in self._free if b < self.limit) + sum(1 for b in self._evictable if b < self.limit)
 
     @property
     def num_cached_blocks(self) -> int:
@@ -37,7 +47,11 @@ class BlockManager:
 
     @property
     def usage(self) -> float:
-        return 1.0 - self.num_free_blocks / self.num_blocks
+        return 1.0 - (len(self._free) + len(self._evictable)) / self.num_blocks
+
+    def set_limit(self, limit: int | None) -> None:
+        """Hand out only block ids below `limit` (None: all of them) from now on."""
+        self.limit = self.num_blocks if limit is None else min(limit, self.num_blocks)
 
     # ---------------------------------------------------------------- plain allocation
 
@@ -53,24 +67,29 @@ class BlockManager:
         if needed > self.num_free_blocks:
             raise RuntimeError(f"allocate without can_allocate: need {needed}, have {self.num_free_blocks}")
         for _ in range(needed):
-            if self._free:
-                block = self._free.pop()
+            if self._free and self._free[0] < self.limit:
+                block = heapq.heappop(self._free)
             else:  # reuse the least recently freed cached block
-                block, _ = self._evictable.popitem(last=False)
+                block = next(b for b in self._evictable if b < self.limit)
+                del self._evictable[block]
                 self._unpublish(block)
             self._refs[block] = 1
             req.block_ids.append(block)
 
     def free(self, req: Request) -> None:
-        for block in reversed(req.block_ids):
+        self.truncate(req, 0)
+
+    def truncate(self, req: Request, keep: int) -> None:
+        """The request keeps its first `keep` blocks; the rest are freed (it recomputes them)."""
+        tail, req.block_ids = req.block_ids[keep:], req.block_ids[:keep]
+        for block in reversed(tail):
             self._refs[block] -= 1
             if self._refs[block] == 0:
                 if block in self._key_of:
                     self._evictable[block] = None
                 else:
-                    self._free.append(block)
-        req.block_ids = []
-        req.published_blocks = 0
+                    heapq.heappush(self._free, block)
+        req.published_blocks = min(req.published_blocks, keep)
 
     # ---------------------------------------------------------------- prefix caching
 
@@ -129,7 +148,7 @@ class BlockManager:
         """Forget every published block (their KV may no longer be where it was): unused ones
         become free, used ones stay with their requests but are no longer shared."""
         for block in self._evictable:
-            self._free.append(block)
+            heapq.heappush(self._free, block)
         self._evictable.clear()
         self._key_of.clear()
         self._by_key.clear()

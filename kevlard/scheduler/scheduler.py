@@ -262,6 +262,24 @@ class Scheduler:
         for req in self.running[pipeline]:
             req.replicated.pop(stage, None)
 
+    def limit_blocks(self, pipeline: int, limit: int | None) -> None:
+        """A stage of the pipeline is now served from its buddy's replica pool, which holds the
+        block ids below `limit` (None: every stage is on its own pool again). A request keeps its
+        blocks up to the first one past it; from there on its replica ends (the replica
+        watermarks go no further) and it recomputes into blocks below the limit. Call before
+        `resume_after_failover`, which counts what is recomputed."""
+        bm = self.blocks[pipeline]
+        bm.set_limit(limit)
+        if limit is None:
+            return
+        for req in self.running[pipeline]:
+            keep = next((i for i, b in enumerate(req.block_ids) if b >= limit), None)
+            if keep is None:
+                continue
+            bm.truncate(req, keep)
+            for stage, mark in req.replicated.items():
+                req.replicated[stage] = min(mark, keep * self.block_size)
+
     def resume_after_failover(self, pipeline: int, stage: int) -> list[tuple[int, str, int]]:
         """The stage's KV of the pipeline's requests now comes from the buddy's replica: each
         request recomputes only the tokens past its replicated watermark (all of them, a replay,

@@ -195,3 +195,40 @@ def test_failed_steps_are_counted_until_one_succeeds():
         assert s.requests[1].failed_steps == expected
     run_step(s, 0)
     assert s.requests[1].failed_steps == 0
+
+
+def test_blocks_are_handed_out_lowest_id_first_also_after_frees():
+    bm = BlockManager(8, 4, prefix_caching=False)
+    a, b = req(1, prompt_len=8), req(2, prompt_len=8)
+    bm.allocate(a, 8)
+    bm.allocate(b, 8)
+    assert a.block_ids == [0, 1] and b.block_ids == [2, 3]
+    bm.free(a)
+    c = req(3, prompt_len=12)
+    bm.allocate(c, 12)
+    assert c.block_ids == [0, 1, 4]  # the replica pool holds the low ids: they are used first
+
+
+def test_while_a_stage_is_served_from_a_smaller_replica_pool_the_pipeline_stays_below_it():
+    s = make(num_blocks=16, block_size=4, budget=64, replicated_stages=2)
+    for rid, prompt_len in ((1, 8), (2, 8), (3, 8)):
+        s.add(req(rid, prompt_len=prompt_len, max_tokens=20))
+    run_step(s, 0)
+    held = {r.id: list(r.block_ids) for r in s.running[0]}
+    assert held == {1: [0, 1, 2], 2: [3, 4, 5], 3: [6, 7, 8]}
+    for r in s.running[0]:
+        r.replicated = {0: 8, 1: 8}  # both stages' buddies hold the prompts
+    # stage 1 is served from its buddy's replica pool, which holds blocks 0-4
+    s.limit_blocks(0, 5)
+    assert {r.id: r.block_ids for r in s.running[0]} == {1: [0, 1, 2], 2: [3, 4], 3: []}
+    assert {r.id: r.replicated for r in s.running[0]} == {1: {0: 8, 1: 8}, 2: {0: 8, 1: 8}, 3: {0: 0, 1: 0}}
+    resumed = s.resume_after_failover(0, 1)
+    assert resumed == [(1, "replica", 0), (2, "replica", 0), (3, "replay", 8)]
+    assert s.blocks[0].num_free_blocks == 0  # blocks 5-15 are not handed out now
+    assert not s.blocks[0].can_allocate(s.requests[3], 1)
+    # its own pool again: everything is usable, and the requests go on
+    s.limit_blocks(0, None)
+    assert s.blocks[0].num_free_blocks == 11
+    plan, _ = run_step(s, 0)
+    assert {c.req_id: (c.start, c.num_tokens) for c in plan.chunks} == {1: (8, 1), 2: (8, 1), 3: (0, 9)}
+    assert s.requests[2].block_ids == [3, 4, 5]

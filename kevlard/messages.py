@@ -92,6 +92,15 @@ FAULT_KINDS = ("kill", "hang", "slow", "device_error", "step_error")
 
 
 @dataclass(frozen=True)
+class Backfill:
+    """Ship this KV of the worker's own pool to its (new) replica holder: (req_id, start, end, block
+    table) per request. Queued behind the steps already sent, so the KV is written by then."""
+    pipeline: int
+    stage: int
+    spans: tuple[tuple[int, int, int, tuple[int, ...]], ...]
+
+
+@dataclass(frozen=True)
 class InjectFault:
     kind: str  # hang | slow | device_error | step_error
     duration_s: float | None = None

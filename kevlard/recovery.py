@@ -282,13 +282,18 @@ class Recovery:
                 cluster.replica_holder[(p, s)] = nxt
                 if nxt == previous:
                     self.scheduler.mark_replicated(p, s)  # it served from that very copy until now
+                else:  # the new holder gets what was written before it took over
+                    self.scheduler.forget_replicas(p, s)
+                    cluster.workers[spare].handle.send(m.Backfill(p, s, self.scheduler.backfill_spans(p)))
             changes.append(outgoing)
         if cluster.workers[prv].state == "healthy" and prv != spare and cluster.pool((p - 1) % P, s) == "primary":
             await cluster.open_link(prv, spare, "repl")
 
             def incoming() -> None:
-                cluster.replica_holder[((p - 1) % P, s)] = spare
-                self.scheduler.forget_replicas((p - 1) % P, s)  # only new KV reaches the new holder
+                q = (p - 1) % P
+                cluster.replica_holder[(q, s)] = spare
+                self.scheduler.forget_replicas(q, s)  # nothing is there yet: the source backfills it
+                cluster.workers[prv].handle.send(m.Backfill(q, s, self.scheduler.backfill_spans(q)))
             changes.append(incoming)
         return lambda: [change() for change in changes]
 

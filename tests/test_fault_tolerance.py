@@ -34,8 +34,8 @@ def daemon_args(model_dir, tmp_path, recovery="kevlar", extra=""):
             "--pipelines", "2", "--stages", "3", "--spares", "1"]
 
 
-def stream_one(url: str, i: int, out: dict) -> None:
-    body = {"prompt": f"request {i}: " + "tell me more " * (i + 1), "max_tokens": MAX_TOKENS,
+def stream_one(url: str, i: int, out: dict, max_tokens: int = MAX_TOKENS) -> None:
+    body = {"prompt": f"request {i}: " + "tell me more " * (i + 1), "max_tokens": max_tokens,
             "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
     pieces, finish, usage = [], None, None
     try:
@@ -168,6 +168,34 @@ def test_fault_is_survived_twice(model_dir, reference, tmp_path, kind, stage):
         if kind == "kill":
             log = daemon.log()
             assert "event reroute" in log and "event restore" in log
+
+
+def test_after_a_restore_the_new_replica_holder_gets_the_kv_written_before_it_took_over(model_dir, tmp_path):
+    """The spare that restores pipeline 0's stage 1 also becomes the replica holder of pipeline
+    1's stage 1. Pipeline 1's requests, running since before, resume from that replica when
+    their own worker is killed next: none of them is replayed."""
+    with running_daemon(daemon_args(model_dir, tmp_path), tmp_path) as daemon:
+        url = daemon.url
+        routes = [pl["route"] for pl in httpx.get(url + "/api/cluster").json()["pipelines"]]
+        out: dict = {}
+        threads = [threading.Thread(target=stream_one, args=(url, i, out, 400)) for i in range(N_REQUESTS)]
+        for t in threads:
+            t.start()
+        wait_for_tokens(url)
+        inject(url, routes[0][1], "kill")
+        snap = wait_restored(url)
+        assert snap["pipelines"][1]["replica_holders"][1] not in routes[0] + routes[1]  # the spare
+        assert snap["num_running"] == N_REQUESTS  # the same requests still generate
+        time.sleep(0.3)  # the backfill lands
+        before = len(daemon.log())
+        inject(url, routes[1][1], "kill")
+        for t in threads:
+            t.join(180)
+        assert sorted(out) == list(range(N_REQUESTS))
+        assert all(out[i].get("tokens") == 400 for i in out), out
+        second = daemon.log()[before:]
+        hows = [line.split("how=")[1].split()[0] for line in second.splitlines() if "event request_resumed" in line]
+        assert hows and set(hows) == {"replica"}, hows
 
 
 def test_a_live_worker_whose_steps_keep_failing_is_fenced_and_nothing_is_lost(model_dir, reference, tmp_path):

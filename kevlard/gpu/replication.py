@@ -47,6 +47,11 @@ class ReplicaSender:
         if self.alive:
             self._queue.put((pipeline, stage, [(c.req_id, c.start, c.num_tokens, c.block_table) for c in chunks]))
 
+    def backfill(self, pipeline: int, stage: int, spans) -> None:
+        """A new holder gets the KV written before it took over: (req_id, start, end, table) each."""
+        if self.alive:
+            self._queue.put((pipeline, stage, [(r, a, b - a, table) for r, a, b, table in spans]))
+
     def close(self) -> None:
         self.alive = False
         self._queue.put(None)

@@ -86,6 +86,9 @@ class Worker:
             self._reply(msg.cmd_id, self._close_link, msg)
         elif isinstance(msg, m.MoveKV):
             self._reply(msg.cmd_id, self._move_kv, msg)
+        elif isinstance(msg, m.Backfill):
+            if self.replica_sender is not None:
+                self.replica_sender.backfill(msg.pipeline, msg.stage, msg.spans)
         elif isinstance(msg, m.InjectFault):
             self._inject(msg)
         else:

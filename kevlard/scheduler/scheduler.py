@@ -280,6 +280,21 @@ class Scheduler:
             for stage, mark in req.replicated.items():
                 req.replicated[stage] = min(mark, keep * self.block_size)
 
+    def backfill_spans(self, pipeline: int) -> tuple[tuple[int, int, int, tuple[int, ...]], ...]:
+        """What a new replica holder of the pipeline's stages lacks: per running request, the
+        tokens whose KV is written once the micro-batches already sent have run (those in flight
+        included), with its block table."""
+        spans = []
+        for req in self.running[pipeline]:
+            end = req.num_computed_tokens
+            plan = self.in_flight.get(req.step_id) if req.in_flight else None
+            for c in plan.chunks if plan is not None else ():
+                if c.req_id == req.id:
+                    end = max(end, c.start + c.num_tokens)
+            if end > 0:
+                spans.append((req.id, 0, end, tuple(req.block_ids)))
+        return tuple(spans)
+
     def resume_after_failover(self, pipeline: int, stage: int) -> list[tuple[int, str, int]]:
         """The stage's KV of the pipeline's requests now comes from the buddy's replica: each
         request recomputes only the tokens past its replicated watermark (all of them, a replay,

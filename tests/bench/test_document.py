@@ -1,0 +1,92 @@
+"""docs/BENCHMARKS.md from the runs' JSON: every target gets a verdict from the numbers, a missed
+one says why, plots are drawn from the records, and a benchmark that did not run says so."""
+from __future__ import annotations
+
+import json
+
+from kevlard.bench import BenchResult, FaultRecord, RequestRecord
+from kevlard.bench.document import main, render, result_from_json
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def run(label: str, latency: float, ttft: float, fault_at: float | None = None, probe: float | None = None,
+        failed: int = 0, recovery: dict | None = None) -> dict:
+    records = []
+    for i in range(20):
+        sent = i * 0.5
+        ok = i >= failed
+        records.append(RequestRecord(i, i, sent, sent, sent + latency, sent + ttft if ok else None, 8 if ok else 0,
+                                     8 if ok else 0, ok, 200 if ok else 503,
+                                     token_times=tuple((sent + ttft + k * 0.05, 1) for k in range(8)) if ok else (),
+                                     text=f"answer {i}"))
+    faults = [] if fault_at is None else [FaultRecord("kill", fault_at, 1, 1, None, fault_at, fault_at + 0.01, True,
+                                                      202, None, probe)]
+    result = BenchResult("http://x", "m", label, "2026-12-05T00:00:00+00:00", {"rate": 2.0, "window_s": 5.0},
+                         records, faults, recovery=recovery)
+    data = result.to_json()
+    if fault_at is not None:
+        data["identical_to_reference"] = 1.0
+    return data
+
+
+def write(bench, name: str, data: dict) -> None:
+    (bench / name).write_text(json.dumps(data))
+
+
+def test_targets_are_judged_from_the_numbers_and_missed_ones_say_why(tmp_path):
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    kevlard = run("kevlard", 1.0, 0.1)
+    write(bench, "serving-core-kevlard.json", kevlard)
+    peer = run("peer", 3.0, 0.5)
+    peer["summary"]["output_tokens_per_s"] = kevlard["summary"]["output_tokens_per_s"] / 2
+    write(bench, "serving-core-peer.json", peer)
+    (bench / "cold-start.txt").write_text("3.4\n")
+    write(bench, "failure-free.json", run("failure-free", 1.0, 0.1))
+    write(bench, "kevlar-kill.json", run("kevlar-kill", 1.1, 0.1, 4.0, 0.2,
+                                         recovery={"tokens_recomputed_per_resumed_request": 0.5,
+                                                   "requests_resumed_replica": 2, "requests_replayed": 0}))
+    write(bench, "restart-kill.json", run("restart-kill", 1.2, 0.1, 4.0, 40.0))
+    write(bench, "kevlar-hang.json", run("kevlar-hang", 1.1, 0.1, 4.0, 1.5))
+    text = render(bench)
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    assert "**met**" in rows["throughput >= 1.5x the peer's (issue 2)"] and "2.00x" in text
+    assert "3.4 s" in rows["cold start to /ready <= 5 s, weight cache present (issue 2)"]
+    assert "0.200 s | **met**" in rows["SIGKILL -> first token of a new request <= 0.3 s"]
+    hang = rows["hang -> first token <= heartbeat timeout + 0.3 s = 1.3 s"]
+    assert "1.500 s | **missed**" in hang
+    ratio = rows["restart / kevlar, SIGKILL -> first token >= 50x (real restart)"]
+    assert "200.0x | **met**" in ratio
+    assert "0.5 | **met**" in rows["tokens recomputed per resumed request <= one KV block (16)"]
+    # what did not run is said, not invented
+    assert "## Against the peer under a supervisor" in text and "Not run." in text
+    assert "Not run yet: no GPU machine" in text
+    assert (bench / "fault-tolerance.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_a_missed_target_gives_its_reason_once(tmp_path):
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    write(bench, "failure-free.json", run("failure-free", 1.0, 0.1))
+    write(bench, "kevlar-kill.json", run("kevlar-kill", 1.0, 0.1, 4.0, 0.5))
+    write(bench, "restart-kill.json", run("restart-kill", 1.0, 0.1, 4.0, 0.6))
+    on, off = run("on", 1.1, 0.1), run("off", 1.0, 0.1)
+    write(bench, "replication-on.json", on)
+    write(bench, "replication-off.json", off)
+    out = tmp_path / "B.md"
+    assert main([str(bench), str(out)]) == 0
+    text = out.read_text()
+    probe = next(line for line in text.splitlines() if line.startswith("| SIGKILL -> first token"))
+    assert "**missed**" in probe and "buddy computes its stage" in probe
+    ratio = next(line for line in text.splitlines() if line.startswith("| restart / kevlar, SIGKILL"))
+    assert "1.2x | **missed**" in ratio and "0.60 s here" in ratio
+    p99 = next(line for line in text.splitlines() if line.startswith("| replication overhead in p99"))
+    assert "10.0 %" in p99 and "**missed**" in p99 and "compete with the steps" in p99
+
+
+def test_a_run_read_back_from_json_is_the_run_that_was_written():
+    data = run("kevlar-kill", 1.1, 0.1, 4.0, 0.2)
+    again = result_from_json(json.loads(json.dumps(data))).to_json()
+    assert again["summary"] == data["summary"] and again["faults"] == data["faults"]
+    assert again["records"] == data["records"]

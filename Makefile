@@ -23,6 +23,7 @@ test: $(STAMP)
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
+	git describe --always --dirty > docs/bench/code.txt  # the code these runs measure
 	bash bench/serving_core.sh
 	bash bench/fault_tolerance.sh
 	bash bench/emulated_restart.sh

@@ -161,8 +161,25 @@ def section_serving(bench: Path, t: Targets) -> list[str]:
           None if pp99 is None else kp99 <= pp99)
     cold = (bench / "cold-start.txt").read_text().strip() if (bench / "cold-start.txt").exists() else None
     if cold:
-        t.add("cold start to /ready <= 5 s, weight cache present (issue 2)", f"{float(cold):.1f} s", float(cold) <= 5.0)
+        others = _ready_times(bench)
+        spread = f" (every start in these runs: {min(others):.1f}-{max(others):.1f} s)" if others else ""
+        t.add("cold start to /ready <= 5 s, weight cache present (issue 2)", f"{float(cold):.1f} s{spread}",
+              float(cold) <= 5.0, "the first start of a `make bench` may find the 0.5 GB weight cache out of the page "
+              "cache and read it from disk")
     return out
+
+
+def _ready_times(bench: Path) -> list[float]:
+    """`ready in X s` of every daemon log of the runs (the daemon's own measure of its start)."""
+    times = []
+    for log in bench.glob("*.log"):
+        for line in log.read_text(errors="replace").splitlines():
+            if " ready in " in line:
+                try:
+                    times.append(float(line.split(" ready in ")[1].split()[0]))
+                except (IndexError, ValueError):
+                    pass
+    return times
 
 
 def section_faults(bench: Path, t: Targets) -> list[str]:
@@ -326,10 +343,12 @@ def render(bench: Path) -> str:
     t = Targets()
     started = [load(bench / n) for n in ("serving-core-kevlard.json", "kevlar-kill.json")]
     when = next((d.get("started_at") for d in started if d), "unknown")
+    code_file = bench / "code.txt"  # written by `make bench` before the runs
+    code = code_file.read_text().strip() if code_file.exists() else f"{commit()} (when this file was written)"
     body = section_serving(bench, t) + section_faults(bench, t) + section_emulated(bench, t) + section_peer(bench, t)
     head = ["# Benchmarks", "",
             f"Written by `make bench` (`python -m kevlard.bench.document`) from the runs in [`docs/bench/`](bench/),"
-            f" which hold each run's JSON, daemon log and config. Runs of {when[:10]}, code of {commit()}; {machine()};"
+            f" which hold each run's JSON, daemon log and config. Runs of {when[:10]}, code of {code}; {machine()};"
             " SmolLM2-135M-Instruct (the embedded GGUF, dequantised to float32). Single runs on a shared 2-core VM"
             " are noisy: differences under about 10 % are within noise. The analysis of earlier runs, with what was"
             " changed for each number, is in [docs/bench/ANALYSIS.md](bench/ANALYSIS.md).", "",

@@ -157,6 +157,10 @@ class Scheduler:
                     break
                 self._preempt(victim)
             if not blocks.can_allocate(req, end):
+                if -(-end // self.block_size) > blocks.limit:
+                    # it can never fit the replica pool this pipeline is served from now: it
+                    # starts again where it fits (another pipeline, or this one once restored)
+                    self._preempt(req)
                 continue
             blocks.allocate(req, end)
             sample = end == req.num_tokens

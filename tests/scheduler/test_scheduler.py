@@ -232,3 +232,16 @@ def test_while_a_stage_is_served_from_a_smaller_replica_pool_the_pipeline_stays_
     plan, _ = run_step(s, 0)
     assert {c.req_id: (c.start, c.num_tokens) for c in plan.chunks} == {1: (8, 1), 2: (8, 1), 3: (0, 9)}
     assert s.requests[2].block_ids == [3, 4, 5]
+
+
+def test_a_request_too_long_for_the_replica_pool_moves_to_a_pipeline_it_fits():
+    s = make(num_pipelines=2, num_blocks=16, block_size=4, budget=64)
+    s.add(req(1, prompt_len=8, max_tokens=40))
+    run_step(s, 0)
+    assert s.requests[1].pipeline == 0
+    s.limit_blocks(0, 2)  # pipeline 0 now serves a stage from a 2-block replica pool
+    s.resume_after_failover(0, 1)
+    assert s.schedule(0) is None  # 9 tokens need 3 blocks: it cannot run here now
+    assert s.requests[1].status.name == "WAITING"
+    plan, _ = run_step(s, 1)
+    assert s.requests[1].pipeline == 1 and plan.chunks[0].num_tokens == 9

@@ -212,8 +212,9 @@ async def _probe_first_token(client: httpx.AsyncClient, base: str, model: str | 
                              retry_until_s: float = 0.0) -> float | None:
     """Send one small streamed request now; the perf_counter time of its first token, or None.
     With `retry_until_s`, a refused connection or an error status is retried that long."""
-    body: dict[str, Any] = {"messages": [{"role": "user", "content": "Say OK."}], "max_tokens": 2,
-                            "stream": True}
+    # greedy and a few tokens: a random test model's first token or two may carry no visible text
+    body: dict[str, Any] = {"messages": [{"role": "user", "content": "Say OK."}], "max_tokens": 8,
+                            "temperature": 0, "stream": True}
     if model:
         body["model"] = model
     give_up = time.perf_counter() + retry_until_s

@@ -210,10 +210,16 @@ class Cluster:
     # ---------------------------------------------------------------- traffic from reader threads
 
     def _from_thread(self, wid: int, msg: object) -> None:
-        self.loop.call_soon_threadsafe(self._dispatch, wid, msg)
+        self._to_loop(self._dispatch, wid, msg)
 
     def _eof_from_thread(self, wid: int) -> None:
-        self.loop.call_soon_threadsafe(self._worker_gone, wid)
+        self._to_loop(self._worker_gone, wid)
+
+    def _to_loop(self, fn, *args) -> None:
+        try:
+            self.loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the event loop is closed: the cluster was stopped, nobody listens
+            pass
 
     def _dispatch(self, wid: int, msg: object) -> None:
         w = self.workers.get(wid)

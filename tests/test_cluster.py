@@ -59,3 +59,14 @@ async def test_a_peer_dying_before_it_joins_a_link_holds_up_no_other_link():
         waiting.cancel()
     finally:
         cluster.stop(2.0)
+
+
+def test_a_worker_heard_from_after_the_event_loop_closed_raises_nothing_in_its_reader_thread():
+    """A worker's channel may close (or a last message arrive) after the cluster was stopped and its
+    event loop closed: the reader thread must not die with 'Event loop is closed' (CI saw this)."""
+    topo = plan_topology(ClusterConfig(devices="cpu:1", pipelines=1, stages=1, spares=0), 0)
+    cluster = Cluster(topo, DyingLauncher(), "127.0.0.1", 5.0, start_timeout_s=5.0, threads_per_worker=1)
+    cluster.loop = asyncio.new_event_loop()
+    cluster.loop.close()
+    cluster._eof_from_thread(0)
+    cluster._from_thread(0, object())

@@ -27,7 +27,7 @@ class Worker:
         self.heartbeat_interval_s = heartbeat_interval_s
         self._send_lock = threading.Lock()
         self.stages: dict[int, object] = {}  # pipeline-independent: stage index -> StageModel
-        self.replica_kv = None  # KVCache mirroring the block ids of the pipeline it is buddy for
+        self.replica_kv = None  # KVCache holding the lowest block ids of the pipeline it is buddy for
         self.links: dict[tuple[str, int], object] = {}  # (purpose, peer worker id) -> Link
         self._links_lock = threading.Lock()
         self._opening: dict[tuple[str, int], str] = {}  # key -> name of the link being connected

@@ -63,6 +63,7 @@ class KVConfig:
     memory_mb: int = 256  # per worker, when num_blocks is 0
     replication: bool = True
     replica_fraction: float = 0.5
+    replication_interval_ms: int = 200  # at most this long between shipments to the buddy
     prefix_caching: bool = True
 
 
@@ -139,6 +140,8 @@ class Config:
         _check(self.kv.memory_mb >= 1, "kv.memory_mb", "must be >= 1", self.kv.memory_mb)
         _check(0.0 <= self.kv.replica_fraction < 1.0, "kv.replica_fraction", "must be in [0, 1)",
                self.kv.replica_fraction)
+        _check(1 <= self.kv.replication_interval_ms <= 10_000, "kv.replication_interval_ms", "must be in 1..10000",
+               self.kv.replication_interval_ms)
         _check(self.scheduler.max_batch_tokens >= 1, "scheduler.max_batch_tokens", "must be >= 1",
                self.scheduler.max_batch_tokens)
         _check(self.scheduler.max_running >= 1, "scheduler.max_running", "must be >= 1",

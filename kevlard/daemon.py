@@ -153,7 +153,8 @@ async def _load_and_serve(config: Config, topo, cluster, t0: float) -> int:
             return HostStage(cluster.next_cmd_id(), s, first, last, is_first, is_last,
                              store.stage_handle(first, last, is_first, is_last), spec, num_blocks,
                              config.kv.block_size, config.model.dtype, replica_blocks if replica_pool else 0,
-                             str(source.weights_dir) if from_disk else None)
+                             str(source.weights_dir) if from_disk else None,
+                             replication_interval_s=config.kv.replication_interval_ms / 1000)
 
         await cluster.start(stage_command)
         # one request must fit in one pipeline's KV blocks

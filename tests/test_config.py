@@ -82,6 +82,7 @@ def test_parse_devices():
         ("[kv]\nreplication = 3\n", {}, "kv.replication"),
         ("[model]\ndtype = 16\n", {}, "model.dtype"),
         ("[kv]\nblock_size = 3\n", {}, "kv.block_size"),
+        ("[kv]\nreplication_interval_ms = 0\n", {}, "kv.replication_interval_ms"),
         ("[health]\nheartbeat_interval_s = 1.0\nheartbeat_timeout_s = 1.0\n", {}, "health.heartbeat_timeout_s"),
         ("[health]\nheartbeat_interval_s = 2.0\nheartbeat_timeout_s = 1.0\n", {}, "health.heartbeat_timeout_s"),
         ("server = 3\n", {}, "server"),

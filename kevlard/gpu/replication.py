@@ -25,16 +25,20 @@ from kevlard.gpu.link import Link, LinkError
 
 log = logging.getLogger("kevlard.replication")
 
-# At most this long between shipments: a failure recomputes at most ~this much of a request's
-# generation (measured: 0-1 tokens), and a saturated CPU does not pay a shipment per step.
-SHIP_INTERVAL_S = 0.02
+# At most this long between shipments (`kv.replication_interval_ms`): a failure recomputes at most
+# about this much of a request's generation, and a saturated CPU does not pay a shipment per step.
+# Each shipment costs the sender and the receiver Python work and the GIL between two steps: on 2
+# cores, shipping every 20 ms (about every step) cost ~10 % mean and p99 latency; every 200 ms
+# nothing measurable (kevlard serve + kevlard bench --rate 8 --requests 40, on vs off).
+SHIP_INTERVAL_S = 0.2
 
 
 class ReplicaSender:
     """Owns the outgoing `repl` link; a thread drains queued steps and ships their KV."""
 
-    def __init__(self, link: Link, kv: KVCache, replica_blocks: int):
+    def __init__(self, link: Link, kv: KVCache, replica_blocks: int, interval_s: float = SHIP_INTERVAL_S):
         self.link = link
+        self.interval_s = interval_s
         self.kv = kv
         self.replica_blocks = replica_blocks
         self._queue: queue.Queue = queue.Queue()
@@ -80,8 +84,8 @@ class ReplicaSender:
                 self.alive = False
             if not self.alive:
                 return
-            # bounded lag, fewer shipments: what the next SHIP_INTERVAL_S writes goes out as one
-            time.sleep(SHIP_INTERVAL_S)
+            # bounded lag, fewer shipments: what the next interval writes goes out as one
+            time.sleep(self.interval_s)
 
     def _ship(self, pipeline: int, stage: int, entries) -> None:
         slots, spans = [], {}

@@ -33,6 +33,7 @@ class Worker:
         self._opening: dict[tuple[str, int], str] = {}  # key -> name of the link being connected
         self.replica_sender = None
         self.replica_blocks = 0  # the size of every replica pool: only block ids below it are shipped
+        self.replication_interval_s = 0.2
         self.replica_receivers: dict[int, object] = {}
         self.steps_done = 0
         self.hung = threading.Event()
@@ -135,6 +136,7 @@ class Worker:
         self.stages.clear()
         self.stages[msg.stage] = model
         self.replica_blocks = msg.replica_blocks
+        self.replication_interval_s = msg.replication_interval_s
         replica_bytes = self.replica_kv.nbytes if self.replica_kv is not None else 0
         return {"host_s": time.monotonic() - t0, "kv_bytes": kv.nbytes + replica_bytes}
 
@@ -162,7 +164,8 @@ class Worker:
             if msg.purpose == "repl" and msg.rank == 0:
                 if self.replica_sender is not None:
                     self.replica_sender.close()
-                self.replica_sender = ReplicaSender(link, self._stage().kv, self.replica_blocks)
+                self.replica_sender = ReplicaSender(link, self._stage().kv, self.replica_blocks,
+                                                    self.replication_interval_s)
             elif msg.purpose == "repl":
                 if self.replica_kv is None:
                     raise RuntimeError(f"worker {self.id} has no replica pool")

@@ -9,3 +9,59 @@ def test_tokens_stop_fitting_the_replica_pool_at_the_first_block_past_it():
     assert replicable_end(table, 9, 10, 4, 6) == 9  # inside block 7: nothing
     assert replicable_end(table, 12, 16, 4, 6) == 16  # block 2 fits again (the watermark stays at 8)
     assert replicable_end(table, 0, 16, 4, 16) == 16  # a pool as large as the pipeline's: everything
+
+
+def _link_pair():
+    import threading
+
+    import torch.distributed as dist
+
+    from kevlard.gpu.link import Link
+
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    ends = {}
+    threads = [threading.Thread(target=lambda r=r: ends.__setitem__(
+        r, Link("repl-test", r, "127.0.0.1", store.port, 30.0))) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return store, ends[0], ends[1]
+
+
+def test_steps_written_within_the_interval_ship_together_and_the_replica_holds_them():
+    """Decode steps 50 ms apart, shipped at most every 300 ms: one shipment for the first step,
+    then one for the three after it (each shipment costs both workers a slice of the step loop),
+    and the replica pool ends up holding exactly the KV written."""
+    import time
+    from types import SimpleNamespace
+
+    import torch
+
+    from kevlard.gpu.kv_cache import KVCache
+    from kevlard.gpu.replication import ReplicaReceiver, ReplicaSender
+
+    store, out, into = _link_pair()
+    src = KVCache(2, 8, 4, 1, 2, torch.float64)
+    src.data.copy_(torch.randn(src.data.shape, dtype=torch.float32))  # float32 values, as a projection's
+    dst = KVCache(2, 8, 4, 1, 2, torch.float64)
+    acks = []
+    receiver = ReplicaReceiver(into, dst, 7, lambda source, p, s, spans: acks.append(spans))
+    sender = ReplicaSender(out, src, replica_blocks=8, interval_s=0.3)
+    try:
+        table = (3, 5)
+        sender.enqueue(0, 1, [SimpleNamespace(req_id=11, start=0, num_tokens=4, block_table=table)])
+        for pos in (4, 5, 6):
+            time.sleep(0.05)
+            sender.enqueue(0, 1, [SimpleNamespace(req_id=11, start=pos, num_tokens=1, block_table=table)])
+        deadline = time.monotonic() + 10
+        while (not acks or acks[-1][0][2] < 7) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert acks == [((11, 0, 4),), ((11, 4, 7),)]
+        slots = src.slots(table, 0, 7)
+        assert torch.equal(dst.gather(slots), src.gather(slots))
+        assert not dst.gather(src.slots(table, 7, 8)).any()  # nothing past what was written
+    finally:
+        sender.close()
+        receiver.alive = False
+        out.close(), into.close()

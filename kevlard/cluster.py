@@ -58,6 +58,7 @@ class Cluster:
         self.replication = replication and P > 1
         self._next_worker_id = topology.num_workers
         self.stopping = False
+        self.cpu_sets: list[set[int]] | None = None  # cpu_budget = "pipeline": pipeline p's cores
         self.act_pairs: set[tuple[int, int]] = set()  # activation links open, (upstream, downstream)
         self._cmd_ids = itertools.count(1)
         self._pending: dict[int, tuple[int, asyncio.Future]] = {}  # cmd_id -> (worker, reply)
@@ -102,6 +103,7 @@ class Cluster:
                 w.stage, w.layers = s, (cmd.first_layer, cmd.last_layer)
                 w.pipelines.add(p)
                 w.state = "healthy"
+                self.pin(wid, p)
                 hosts.append(self.command(wid, cmd))
         await asyncio.gather(*hosts)
         pairs = [(a, b) for route in self.routes for a, b in zip(route, route[1:])]
@@ -181,6 +183,23 @@ class Cluster:
 
     def pool(self, pipeline: int, stage: int) -> str:
         return self.pools.get((pipeline, stage), "primary")
+
+    def pin(self, wid: int, pipeline: int) -> None:
+        """cpu_budget = "pipeline": confine every thread of the worker to the pipeline's cores
+        (threads it starts later inherit them)."""
+        w = self.workers.get(wid)
+        if self.cpu_sets is None or w is None or not w.handle.pid:
+            return
+        cores = self.cpu_sets[pipeline % len(self.cpu_sets)]
+        try:
+            threads = os.listdir(f"/proc/{w.handle.pid}/task")
+        except OSError:
+            return  # gone
+        for tid in threads:
+            try:
+                os.sched_setaffinity(int(tid), cores)
+            except OSError:
+                pass  # that thread ended, or the worker did
 
     def spawn_worker(self, device: str) -> int:
         """A new worker (a replacement spare) on `device`; returns its id."""
@@ -300,3 +319,12 @@ class Cluster:
             w.handle.stop(1.0)
         self._store = None
         log.info("workers stopped (pid %d)", os.getpid())
+
+
+def pipeline_cpu_sets(pipelines: int, cores: list[int]) -> list[set[int]]:
+    """The cores split evenly among the pipelines (one core each, shared round robin, when there
+    are fewer cores than pipelines)."""
+    n = len(cores)
+    if n >= pipelines:
+        return [set(cores[p * n // pipelines:(p + 1) * n // pipelines]) for p in range(pipelines)]
+    return [{cores[p % n]} for p in range(pipelines)]

@@ -50,6 +50,7 @@ class ClusterConfig:
     restart_reload_extra_s: float = 0.0  # recovery = "restart" only: added to each reload (emulates a bigger model)
     link_timeout_s: float = 30.0  # every send/recv on a link
     threads_per_worker: int = 0  # 0: cores divided among active workers
+    cpu_budget: str = "shared"  # virtual CPU devices: shared | pipeline (each pipeline pinned to its own cores)
 
     @property
     def device_kind(self) -> str:
@@ -120,6 +121,8 @@ class Config:
                self.cluster.worker_start_timeout_s)
         _check(self.cluster.link_timeout_s > 0, "cluster.link_timeout_s", "must be > 0",
                self.cluster.link_timeout_s)
+        _check(self.cluster.cpu_budget in ("shared", "pipeline"), "cluster.cpu_budget", "must be shared or pipeline",
+               self.cluster.cpu_budget)
         _check(self.cluster.threads_per_worker >= 0, "cluster.threads_per_worker", "must be >= 0",
                self.cluster.threads_per_worker)
         _check(self.scheduler.microbatches >= 0, "scheduler.microbatches", "must be >= 0",

@@ -85,7 +85,7 @@ async def _serve(config: Config) -> int:
     t0 = time.monotonic()
     check_exposure(config.server)  # before anything starts: a ConfigError exits 2
     _on_signals(asyncio.current_task().cancel)  # during start-up: stop, clean up, exit
-    from kevlard.cluster import Cluster
+    from kevlard.cluster import Cluster, pipeline_cpu_sets
     from kevlard.gpu.weight_store import cleanup_stale_segments
     from kevlard.launcher import LocalLauncher
     from kevlard.topology import plan_topology
@@ -99,6 +99,9 @@ async def _serve(config: Config) -> int:
     replication = config.kv.replication and config.recovery == "kevlar" and topo.pipelines > 1
     cluster = Cluster(topo, LocalLauncher(config.health.heartbeat_interval_s), "127.0.0.1",
                       config.cluster.link_timeout_s, config.cluster.worker_start_timeout_s, threads, replication)
+    if config.cluster.cpu_budget == "pipeline" and topo.kind == "cpu":
+        cluster.cpu_sets = pipeline_cpu_sets(topo.pipelines, sorted(os.sched_getaffinity(0)))
+        log.info("cpu_budget = pipeline: pipelines pinned to cores %s", [sorted(c) for c in cluster.cpu_sets])
     cluster.spawn_pipeline_workers()
     try:
         return await _load_and_serve(config, topo, cluster, t0)

@@ -202,6 +202,7 @@ class Recovery:
             self._pending_restore.append((p, s, failed_at))
             return
         self.events.emit("rehost", spare, pipeline=p, stage=s, state="rehosting")
+        cluster.pin(spare, p)
         held = False
         try:
             t0 = time.monotonic()
@@ -335,6 +336,7 @@ class Recovery:
                 await asyncio.sleep(extra)
             for wid in new:
                 await cluster.wait_ready(wid)
+                cluster.pin(wid, p)
             await asyncio.gather(*(cluster.command(wid, self.stage_command(s, replica_pool=False, from_disk=True))
                                    for s, wid in enumerate(new)))
             for s, wid in enumerate(new):

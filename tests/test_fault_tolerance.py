@@ -7,12 +7,14 @@ no gap or duplicate in any stream, and a greedy request answers exactly as witho
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 
 import httpx
 import pytest
 
+from kevlard.cluster import pipeline_cpu_sets
 from tests.daemon_proc import running_daemon
 from tests.tiny_models import make_tiny_model
 
@@ -277,3 +279,31 @@ def test_restart_baseline_loses_nothing(model_dir, reference, tmp_path):
         assert routes[0][1] not in snap["pipelines"][0]["route"]
         got = run_load(url)
         assert_same(got, reference)
+
+
+def _affinity(pid: int) -> set[frozenset]:
+    """The cores each thread of a process may run on."""
+    return {frozenset(os.sched_getaffinity(int(tid))) for tid in os.listdir(f"/proc/{pid}/task")}
+
+
+def test_cpu_budget_per_pipeline_pins_each_pipeline_and_the_spare_that_joins_it(model_dir, reference, tmp_path):
+    """cpu_budget = "pipeline" (the benchmarks' stand-in for devices of their own): every thread of a
+    pipeline's workers runs on that pipeline's cores only; the spare that replaces a killed worker
+    takes its pipeline's cores; answers stay the same."""
+    expected = pipeline_cpu_sets(2, sorted(os.sched_getaffinity(0)))
+    args = daemon_args(model_dir, tmp_path, extra='[cluster]\ncpu_budget = "pipeline"\n')
+    with running_daemon(args, tmp_path) as daemon:
+        url = daemon.url
+        snap = httpx.get(url + "/api/cluster").json()
+        pids = {w["id"]: w["pid"] for w in snap["workers"]}
+        for p, pl in enumerate(snap["pipelines"]):
+            for wid in pl["route"]:
+                assert _affinity(pids[wid]) == {frozenset(expected[p])}, (p, wid)
+        victim = snap["pipelines"][0]["route"][1]
+        got = run_load(url, lambda: inject(url, victim, "kill"))
+        assert_same(got, reference)
+        snap = wait_restored(url)
+        joined = snap["pipelines"][0]["route"][1]
+        assert joined != victim
+        pid = next(w["pid"] for w in snap["workers"] if w["id"] == joined)
+        assert _affinity(pid) == {frozenset(expected[0])}

@@ -4,12 +4,15 @@
 # restart whose torn-down pipeline waits 60 s before reloading: "emulated" in every table and
 # plot), SIGKILL of pipeline 0's stage-1 worker 8 s in, at 3 and 6 requests/s. Daemons are
 # started by the bench itself from the config below. Results land in docs/bench/.
+# `cpu_budget = "pipeline"` pins each pipeline's workers to their own core: on GPUs each pipeline
+# is its own devices' capacity, and without it a torn-down pipeline's core simply goes to the other
+# one, so the baseline would lose almost no capacity while it reloads.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=docs/bench
 mkdir -p "$OUT"
 K=.venv/bin/kevlard
-printf '[server]\nadmin_token = "bench"\n' > "$OUT/emulated.toml"
+printf '[server]\nadmin_token = "bench"\n[cluster]\ncpu_budget = "pipeline"\n' > "$OUT/emulated.toml"
 COMMON=(--config "$OUT/emulated.toml" --compare kevlar,restart --fault kill@8s --restart-reload-s 60
         --output-tokens 32 --seed 1 --warmup 4)
 $K bench "${COMMON[@]}" --rate 3 --requests 60 \

@@ -203,6 +203,10 @@ def recovery_delta(before: dict[str, Any] | None, after: dict[str, Any] | None) 
     delta = {key: after.get(key, 0) - before.get(key, 0) for key in RECOVERY_COUNTERS
              if isinstance(after.get(key, 0), int) and isinstance(before.get(key, 0), int)}
     resumed = delta.get("requests_resumed_replica", 0) + delta.get("requests_replayed", 0)
+    # the daemon's times from each failure until its pipeline served again (a reroute, or a restart)
+    recoveries = delta.get("reroutes", 0) + delta.get("restarts", 0)
+    times = after.get("recovery_seconds") or []
+    delta["recovery_seconds"] = list(times[len(times) - recoveries:]) if 0 < recoveries <= len(times) else []
     delta["tokens_recomputed_per_resumed_request"] = (
         delta.get("tokens_recomputed", 0) / resumed if resumed else None)
     return delta

@@ -293,6 +293,7 @@ def test_recovery_delta_gives_tokens_recomputed_per_resumed_request():
     delta = recovery_delta(before, after)
     assert delta["failures"] == 1 and delta["requests_resumed_replica"] == 3 and delta["requests_replayed"] == 1
     assert delta["tokens_recomputed_per_resumed_request"] == 2.0  # 8 tokens over 4 requests
+    assert delta["recovery_seconds"] == [0.02]  # the failure of this run, not the earlier one
     assert recovery_delta(before, None) is None  # a peer without the counters
     assert recovery_delta(before, before)["tokens_recomputed_per_resumed_request"] is None
     row = format_fault_markdown([("run", summarize([]), [{"kind": "kill", "at_s": 1.0, "ok": True}], delta)])

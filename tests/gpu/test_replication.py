@@ -65,3 +65,51 @@ def test_steps_written_within_the_interval_ship_together_and_the_replica_holds_t
         sender.close()
         receiver.alive = False
         out.close(), into.close()
+
+
+def test_a_block_worth_of_waiting_tokens_ships_before_the_interval_ends():
+    """A fast model writes many tokens per interval: a request's lag stays within one block
+    (4 tokens here) even with a 10 s interval, so a failover recomputes at most a block."""
+    import time
+    from types import SimpleNamespace
+
+    import torch
+
+    from kevlard.gpu.kv_cache import KVCache
+    from kevlard.gpu.replication import ReplicaReceiver, ReplicaSender
+
+    store, out, into = _link_pair()
+    src = KVCache(2, 8, 4, 1, 2, torch.float64)
+    src.data.copy_(torch.randn(src.data.shape, dtype=torch.float32))
+    dst = KVCache(2, 8, 4, 1, 2, torch.float64)
+    acks = []
+    receiver = ReplicaReceiver(into, dst, 7, lambda source, p, s, spans: acks.append(spans))
+    sender = ReplicaSender(out, src, replica_blocks=8, interval_s=10.0)
+    try:
+        table = (3, 5, 6)
+
+        def step(pos: int, n: int = 1) -> None:
+            sender.enqueue(0, 1, [SimpleNamespace(req_id=11, start=pos, num_tokens=n, block_table=table)])
+
+        def acked(count: int, within: float) -> bool:
+            deadline = time.monotonic() + within
+            while len(acks) < count and time.monotonic() < deadline:
+                time.sleep(0.01)
+            return len(acks) >= count
+
+        step(0, 4)  # an idle sender ships at once
+        assert acked(1, 5)
+        for pos in (4, 5, 6):
+            step(pos)
+        assert not acked(2, 0.3)  # three tokens wait for the interval
+        step(7)  # the fourth makes a block's worth
+        assert acked(2, 5)
+        step(8)
+        assert not acked(3, 0.3)
+        assert acks == [((11, 0, 4),), ((11, 4, 8),)]
+        slots = src.slots(table, 0, 8)
+        assert torch.equal(dst.gather(slots), src.gather(slots))
+    finally:
+        sender.close()
+        receiver.alive = False
+        out.close(), into.close()

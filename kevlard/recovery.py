@@ -39,12 +39,16 @@ class Recovery:
     # ---------------------------------------------------------------- detection
 
     async def watch(self) -> None:
-        """Heartbeats and step deadlines, checked every heartbeat interval."""
+        """Heartbeats and step deadlines, checked every heartbeat interval, and the moment the
+        oldest heartbeat runs out (a hang is seen at the timeout, not up to an interval later)."""
         interval = self.config.health.heartbeat_interval_s
+        wake = time.monotonic() + interval
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(max(0.0, wake - time.monotonic()))
             now = time.monotonic()
             beats = {wid: (w.state, w.last_heartbeat) for wid, w in self.cluster.workers.items()}
+            expiry = self.monitor.next_expiry(beats)
+            wake = now + interval if expiry is None or expiry <= now else min(now + interval, expiry + 0.001)
             for wid, kind in self.monitor.stale_workers(now, beats):
                 self.events.emit("failure", wid, level=logging.WARNING, reason=kind,
                                  heartbeat_age_s=round(now - beats[wid][1], 3))

@@ -231,7 +231,7 @@ def section_faults(bench: Path, t: Targets) -> list[str]:
           None if ratio is None else ratio >= 50,
           WHY["restart_ratio"].format(restart=rf.get("probe_first_token_s") or 0, restored=_f(_pipeline_back(restart), ".2f")))
     back_k, back_r = _pipeline_back(kill), _pipeline_back(restart)
-    t.add("restart / kevlard, SIGKILL -> failed pipeline serving again (daemon's clock; KevlarFlow's recovery time)",
+    t.add("restart / kevlar, SIGKILL -> failed pipeline serving again (daemon's clock; KevlarFlow's recovery time)",
           f"{_f(back_r, '.3f')} / {_f(back_k, '.4f')} s = {_f(_ratio(back_r, back_k), '.0f', 'x')}", None)
     rb = _ratio(rf.get("recovery_to_90pct_s"), back)
     t.add("restart / kevlar, back to 90 % throughput (real restart)", f"{_f(rf.get('recovery_to_90pct_s'))} / {_f(back)} s"

@@ -14,5 +14,11 @@ class HealthMonitor:
                 if state in ("healthy", "spare", "rehosting") and last > 0
                 and now - last > self.heartbeat_timeout_s]
 
+    def next_expiry(self, beats: dict[int, tuple[str, float]]) -> float | None:
+        """When the first live worker's heartbeat will be too old, if no new one comes."""
+        times = [last + self.heartbeat_timeout_s for state, last in beats.values()
+                 if state in ("healthy", "spare", "rehosting") and last > 0]
+        return min(times) if times else None
+
     def late_steps(self, now: float, dispatched_at: dict[int, float]) -> list[int]:
         return [step for step, sent in dispatched_at.items() if now - sent > self.step_timeout_s]

@@ -1,0 +1,17 @@
+"""Health checks: a live worker whose heartbeat is older than the timeout is a hang, seen as soon
+as the timeout runs out."""
+from kevlard.scheduler.health import HealthMonitor
+
+
+def test_a_live_worker_past_the_heartbeat_timeout_is_a_hang_and_the_dead_are_not_checked():
+    m = HealthMonitor(heartbeat_timeout_s=1.0, step_timeout_s=30.0)
+    beats = {0: ("healthy", 10.0), 1: ("healthy", 10.5), 2: ("dead", 1.0), 3: ("spare", 10.9)}
+    assert m.stale_workers(11.2, beats) == [(0, "hang")]
+    assert m.stale_workers(10.9, beats) == []
+
+
+def test_the_next_check_is_due_when_the_oldest_live_heartbeat_runs_out():
+    m = HealthMonitor(heartbeat_timeout_s=1.0, step_timeout_s=30.0)
+    beats = {0: ("healthy", 10.2), 1: ("rehosting", 10.1), 2: ("dead", 1.0), 3: ("starting", 0.0)}
+    assert m.next_expiry(beats) == 11.1  # worker 1's; the dead one's long past expiry does not count
+    assert m.next_expiry({2: ("dead", 1.0)}) is None

@@ -42,8 +42,10 @@ WHY = {
     "window": "during the failover the buddy serves two pipelines' worth of its stage on shared cores",
     "emulated": "the surviving pipeline absorbs most of the load while the other one reloads: decoding is "
                 "memory-bound, so on its own core it batches more (one pipeline alone served 9.2 requests/s "
-                "of 32 tokens here, at 5.6 s mean latency), and the baseline's requests wait seconds, not "
-                "the 60 s reload; the paper's 500x TTFT comes from requests waiting out a 10-minute restart",
+                "of 32 tokens here, at 5.6 s mean latency), so the baseline's requests wait seconds, not "
+                "the 60 s reload, while kevlard's own recovery (the spare packing its weights, the KV "
+                "handed back) runs on the same cores; the paper's 500x TTFT comes from requests waiting out "
+                "a 10-minute restart",
     "recomputed": "requests whose replica lagged by more than a block when the worker died",
 }
 

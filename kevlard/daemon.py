@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 
@@ -81,9 +82,25 @@ def _on_signals(handler) -> None:
         loop.add_signal_handler(sig, handler)
 
 
+def _listen(server) -> socket.socket:
+    """A socket bound to server.host:server.port (uvicorn listens on it once the daemon is ready)."""
+    family = socket.AF_INET6 if ":" in server.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((server.host, server.port))
+    except OSError as e:
+        sock.close()
+        raise ConfigError(f"server.port: cannot listen on {server.host}:{server.port}: {e.strerror or e}") from e
+    return sock
+
+
 async def _serve(config: Config) -> int:
     t0 = time.monotonic()
     check_exposure(config.server)  # before anything starts: a ConfigError exits 2
+    # the HTTP port is taken first: a port in use fails at once, and no socket the workers and
+    # their links open (ephemeral ports) can take it while the model loads
+    listener = _listen(config.server)
     _on_signals(asyncio.current_task().cancel)  # during start-up: stop, clean up, exit
     from kevlard.cluster import Cluster, pipeline_cpu_sets
     from kevlard.gpu.weight_store import cleanup_stale_segments
@@ -104,12 +121,12 @@ async def _serve(config: Config) -> int:
         log.info("cpu_budget = pipeline: pipelines pinned to cores %s", [sorted(c) for c in cluster.cpu_sets])
     cluster.spawn_pipeline_workers()
     try:
-        return await _load_and_serve(config, topo, cluster, t0)
+        return await _load_and_serve(config, topo, cluster, t0, listener)
     finally:
         await asyncio.to_thread(cluster.stop)
 
 
-async def _load_and_serve(config: Config, topo, cluster, t0: float) -> int:
+async def _load_and_serve(config: Config, topo, cluster, t0: float, listener: socket.socket) -> int:
     from kevlard.engine import KevlarEngine
     from kevlard.gpu.kv_cache import bytes_per_block
     from kevlard.gpu.weight_store import HostWeightStore
@@ -169,13 +186,13 @@ async def _load_and_serve(config: Config, topo, cluster, t0: float) -> int:
         log.info("%d pipeline workers up, %d KV blocks of %d tokens per worker (and %d in a replica pool), "
                  "%d thread(s) each", topo.pipelines * topo.stages, num_blocks, config.kv.block_size,
                  replica_blocks, cluster.threads_per_worker)
-        return await _run_http(config, engine, t0, cluster.start_spares)
+        return await _run_http(config, engine, t0, cluster.start_spares, listener)
     finally:
         store.close()
         log.info("stopped")
 
 
-async def _run_http(config: Config, engine, t0: float, after_ready) -> int:
+async def _run_http(config: Config, engine, t0: float, after_ready, listener: socket.socket) -> int:
     import uvicorn
 
     from kevlard import metrics, systemd
@@ -192,7 +209,7 @@ async def _run_http(config: Config, engine, t0: float, after_ready) -> int:
                                            log_level="warning", access_log=False, lifespan="off",
                                            timeout_graceful_shutdown=max(1, int(config.server.drain_timeout_s))))
     server.capture_signals = contextlib.nullcontext  # ours below: drain and exit 0, not re-raise
-    task = asyncio.create_task(server.serve())
+    task = asyncio.create_task(server.serve(sockets=[listener]))
 
     def status() -> str:
         return "stopping: draining in-flight requests" if server.should_exit else \

@@ -109,3 +109,20 @@ def test_faults_need_the_admin_token_from_the_same_origin(daemon):
         snap = c.get("/api/cluster").json()
     assert all(w["state"] == "healthy" for w in snap["workers"])
     assert snap["recovery"]["failures"] == 0
+
+
+def test_a_port_in_use_fails_at_once_naming_the_field(tmp_path):
+    """The HTTP port is taken before anything starts: a busy one is a clear error (exit 2), not a
+    model load and a crash; and no socket of the daemon's own links can take it meanwhile."""
+    import socket
+
+    port = free_port()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", port))
+        busy.listen()
+        done = subprocess.run([sys.executable, "-m", "kevlard", "serve", "--port", str(port)],
+                              capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                              env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert done.returncode == 2, done.stderr
+    assert f"server.port: cannot listen on 127.0.0.1:{port}" in done.stderr
+    assert "spawned" not in done.stderr  # no worker was started

@@ -43,9 +43,9 @@ WHY = {
     "emulated": "the surviving pipeline absorbs most of the load while the other one reloads: decoding is "
                 "memory-bound, so on its own core it batches more (one pipeline alone served 9.2 requests/s "
                 "of 32 tokens here, at 5.6 s mean latency), so the baseline's requests wait seconds, not "
-                "the 60 s reload, while kevlard's own recovery (the spare packing its weights, the KV "
-                "handed back) runs on the same cores; the paper's 500x TTFT comes from requests waiting out "
-                "a 10-minute restart",
+                "the 60 s reload; the paper's 500x TTFT comes from requests waiting out a 10-minute restart. "
+                "At 8 requests/s the machine is near saturation: every pass, the failure-free one too, has "
+                "TTFT bumps of its own (see the plot)",
     "recomputed": "requests whose replica lagged by more than a block when the worker died",
 }
 

@@ -28,8 +28,9 @@ log = logging.getLogger("kevlard.replication")
 # a block's worth of tokens waiting: a failure recomputes at most about this much (or a block) of a
 # request's generation, and a saturated CPU does not pay a shipment per step.
 # Each shipment costs the sender and the receiver Python work and the GIL between two steps: on 2
-# cores, shipping every 20 ms (about every step) cost ~10 % mean and p99 latency; every 200 ms
-# nothing measurable (kevlard serve + kevlard bench --rate 8 --requests 40, on vs off).
+# cores at the serving-core load, shipping every 20 ms (about every step) cost ~10 % mean latency,
+# every 200 ms nothing measurable; on a saturated machine replication still costs a few percent
+# whatever the interval (docs/bench/ANALYSIS.md).
 SHIP_INTERVAL_S = 0.2
 
 
@@ -48,6 +49,7 @@ class ReplicaSender:
         self._pending: list = []
         self._due: dict[int, int] = {}  # tokens waiting per request
         self._wake = threading.Event()
+        self._idle = False  # the sender waits for any write, not for the interval
         self.alive = True
         self._thread = threading.Thread(target=self._run, name="replica-sender", daemon=True)
         self._thread.start()
@@ -70,6 +72,8 @@ class ReplicaSender:
                 due[req_id] = waiting = due.get(req_id, 0) + n
                 if waiting >= self.kv.block_size:
                     self._wake.set()
+            if self._idle:
+                self._wake.set()
 
     def close(self) -> None:
         self.alive = False
@@ -89,7 +93,13 @@ class ReplicaSender:
             if not pending:
                 if not self.alive:
                     return
+                with self._lock:
+                    if self._pending:
+                        continue  # written in between
+                    self._idle = True
                 self._wake.wait()  # idle: the next step's write ships at once
+                with self._lock:
+                    self._idle = False
                 continue
             # a worker's own pool serves one pipeline and stage, so the items share them
             entries = [e for _, _, es in pending for e in es]

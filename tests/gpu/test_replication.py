@@ -97,17 +97,18 @@ def test_a_block_worth_of_waiting_tokens_ships_before_the_interval_ends():
                 time.sleep(0.01)
             return len(acks) >= count
 
-        step(0, 4)  # an idle sender ships at once
+        step(0, 1)  # an idle sender ships at once, a single token too
         assert acked(1, 5)
-        for pos in (4, 5, 6):
-            step(pos)
-        assert not acked(2, 0.3)  # three tokens wait for the interval
-        step(7)  # the fourth makes a block's worth
+        step(1, 2)
+        assert not acked(2, 0.3)  # two tokens, within the interval: they wait
+        step(3)
+        assert not acked(2, 0.3)
+        step(4)  # the fourth waiting token makes a block's worth
         assert acked(2, 5)
-        step(8)
+        step(5)
         assert not acked(3, 0.3)
-        assert acks == [((11, 0, 4),), ((11, 4, 8),)]
-        slots = src.slots(table, 0, 8)
+        assert acks == [((11, 0, 1),), ((11, 1, 5),)]
+        slots = src.slots(table, 0, 5)
         assert torch.equal(dst.gather(slots), src.gather(slots))
     finally:
         sender.close()

@@ -1,5 +1,12 @@
 """Which tokens a stage ships to its buddy when the replica pool is smaller than its own."""
-from kevlard.gpu.replication import replicable_end
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from kevlard.gpu.kv_cache import KVCache
+from kevlard.gpu.replication import ReplicaReceiver, ReplicaSender, replicable_end
 
 
 def test_tokens_stop_fitting_the_replica_pool_at_the_first_block_past_it():
@@ -11,106 +18,74 @@ def test_tokens_stop_fitting_the_replica_pool_at_the_first_block_past_it():
     assert replicable_end(table, 0, 16, 4, 16) == 16  # a pool as large as the pipeline's: everything
 
 
-def _link_pair():
-    import threading
 
-    import torch.distributed as dist
+@pytest.fixture
+def replication(pair):
+    """A sender and a receiver over a real link: make(interval_s) -> (sender, source KV, replica KV, acks)."""
+    made = []
 
-    from kevlard.gpu.link import Link
+    def make(interval_s: float):
+        out, into = pair
+        src = KVCache(2, 8, 4, 1, 2, torch.float64)
+        src.data.copy_(torch.randn(src.data.shape, dtype=torch.float32))  # float32 values, as a projection's
+        dst = KVCache(2, 8, 4, 1, 2, torch.float64)
+        acks = []
+        receiver = ReplicaReceiver(into, dst, 7, lambda source, p, s, spans: acks.append(spans))
+        sender = ReplicaSender(out, src, replica_blocks=8, interval_s=interval_s)
+        made.append((sender, receiver))
+        return sender, src, dst, acks
 
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-    ends = {}
-    threads = [threading.Thread(target=lambda r=r: ends.__setitem__(
-        r, Link("repl-test", r, "127.0.0.1", store.port, 30.0))) for r in (0, 1)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    return store, ends[0], ends[1]
+    yield make
+    for sender, receiver in made:
+        sender.close()
+        receiver.alive = False
 
 
-def test_steps_written_within_the_interval_ship_together_and_the_replica_holds_them():
+def step(sender, table, pos: int, n: int = 1) -> None:
+    sender.enqueue(0, 1, [SimpleNamespace(req_id=11, start=pos, num_tokens=n, block_table=table)])
+
+
+def acked(acks: list, count: int, within: float) -> bool:
+    deadline = time.monotonic() + within
+    while len(acks) < count and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return len(acks) >= count
+
+
+def test_steps_written_within_the_interval_ship_together_and_the_replica_holds_them(replication):
     """Decode steps 50 ms apart, shipped at most every 300 ms: one shipment for the first step,
     then one for the three after it (each shipment costs both workers a slice of the step loop),
     and the replica pool ends up holding exactly the KV written."""
-    import time
-    from types import SimpleNamespace
-
-    import torch
-
-    from kevlard.gpu.kv_cache import KVCache
-    from kevlard.gpu.replication import ReplicaReceiver, ReplicaSender
-
-    store, out, into = _link_pair()
-    src = KVCache(2, 8, 4, 1, 2, torch.float64)
-    src.data.copy_(torch.randn(src.data.shape, dtype=torch.float32))  # float32 values, as a projection's
-    dst = KVCache(2, 8, 4, 1, 2, torch.float64)
-    acks = []
-    receiver = ReplicaReceiver(into, dst, 7, lambda source, p, s, spans: acks.append(spans))
-    sender = ReplicaSender(out, src, replica_blocks=8, interval_s=0.3)
-    try:
-        table = (3, 5)
-        sender.enqueue(0, 1, [SimpleNamespace(req_id=11, start=0, num_tokens=4, block_table=table)])
-        for pos in (4, 5, 6):
-            time.sleep(0.05)
-            sender.enqueue(0, 1, [SimpleNamespace(req_id=11, start=pos, num_tokens=1, block_table=table)])
-        deadline = time.monotonic() + 10
-        while (not acks or acks[-1][0][2] < 7) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert acks == [((11, 0, 4),), ((11, 4, 7),)]
-        slots = src.slots(table, 0, 7)
-        assert torch.equal(dst.gather(slots), src.gather(slots))
-        assert not dst.gather(src.slots(table, 7, 8)).any()  # nothing past what was written
-    finally:
-        sender.close()
-        receiver.alive = False
-        out.close(), into.close()
+    sender, src, dst, acks = replication(0.3)
+    table = (3, 5)
+    step(sender, table, 0, 4)
+    for pos in (4, 5, 6):
+        time.sleep(0.05)
+        step(sender, table, pos)
+    deadline = time.monotonic() + 10
+    while (not acks or acks[-1][0][2] < 7) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert acks == [((11, 0, 4),), ((11, 4, 7),)]
+    slots = src.slots(table, 0, 7)
+    assert torch.equal(dst.gather(slots), src.gather(slots))
+    assert not dst.gather(src.slots(table, 7, 8)).any()  # nothing past what was written
 
 
-def test_a_block_worth_of_waiting_tokens_ships_before_the_interval_ends():
+def test_a_block_worth_of_waiting_tokens_ships_before_the_interval_ends(replication):
     """A fast model writes many tokens per interval: a request's lag stays within one block
     (4 tokens here) even with a 10 s interval, so a failover recomputes at most a block."""
-    import time
-    from types import SimpleNamespace
-
-    import torch
-
-    from kevlard.gpu.kv_cache import KVCache
-    from kevlard.gpu.replication import ReplicaReceiver, ReplicaSender
-
-    store, out, into = _link_pair()
-    src = KVCache(2, 8, 4, 1, 2, torch.float64)
-    src.data.copy_(torch.randn(src.data.shape, dtype=torch.float32))
-    dst = KVCache(2, 8, 4, 1, 2, torch.float64)
-    acks = []
-    receiver = ReplicaReceiver(into, dst, 7, lambda source, p, s, spans: acks.append(spans))
-    sender = ReplicaSender(out, src, replica_blocks=8, interval_s=10.0)
-    try:
-        table = (3, 5, 6)
-
-        def step(pos: int, n: int = 1) -> None:
-            sender.enqueue(0, 1, [SimpleNamespace(req_id=11, start=pos, num_tokens=n, block_table=table)])
-
-        def acked(count: int, within: float) -> bool:
-            deadline = time.monotonic() + within
-            while len(acks) < count and time.monotonic() < deadline:
-                time.sleep(0.01)
-            return len(acks) >= count
-
-        step(0, 1)  # an idle sender ships at once, a single token too
-        assert acked(1, 5)
-        step(1, 2)
-        assert not acked(2, 0.3)  # two tokens, within the interval: they wait
-        step(3)
-        assert not acked(2, 0.3)
-        step(4)  # the fourth waiting token makes a block's worth
-        assert acked(2, 5)
-        step(5)
-        assert not acked(3, 0.3)
-        assert acks == [((11, 0, 1),), ((11, 1, 5),)]
-        slots = src.slots(table, 0, 5)
-        assert torch.equal(dst.gather(slots), src.gather(slots))
-    finally:
-        sender.close()
-        receiver.alive = False
-        out.close(), into.close()
+    sender, src, dst, acks = replication(10.0)
+    table = (3, 5, 6)
+    step(sender, table, 0, 1)  # an idle sender ships at once, a single token too
+    assert acked(acks, 1, 5)
+    step(sender, table, 1, 2)
+    assert not acked(acks, 2, 0.3)  # two tokens, within the interval: they wait
+    step(sender, table, 3)
+    assert not acked(acks, 2, 0.3)
+    step(sender, table, 4)  # the fourth waiting token makes a block's worth
+    assert acked(acks, 2, 5)
+    step(sender, table, 5)
+    assert not acked(acks, 3, 0.3)
+    assert acks == [((11, 0, 1),), ((11, 1, 5),)]
+    slots = src.slots(table, 0, 5)
+    assert torch.equal(dst.gather(slots), src.gather(slots))

@@ -7,7 +7,7 @@ import torch
 
 from kevlard.gpu.kv_cache import KVCache, attention_dtype
 from kevlard.gpu.stage import ChunkView, Linear, StageModel, tiled_linear
-from kevlard.gpu.weight_store import attach_stage, HostWeightStore
+from kevlard.gpu.weight_store import HostWeightStore, attach_stage
 from kevlard.model_source import resolve_model
 from tests.tiny_models import make_tiny_model
 
@@ -70,7 +70,7 @@ def test_request_alone_equals_request_in_a_crowd_and_chunked_equals_decoded(tmp_
         g = torch.Generator().manual_seed(1)
         a = torch.randint(3, 300, (23,), generator=g).tolist()
         b = torch.randint(3, 300, (9,), generator=g).tolist()
-        reqs = {"a": (a, tuple(range(0, 8))), "b": (b, tuple(range(8, 16)))}
+        reqs = {"a": (a, tuple(range(8))), "b": (b, tuple(range(8, 16)))}
         alone = run_chunks(make(), {"a": reqs["a"]}, [[("a", 0, 23)]])["a"]
         # in a crowd, second in the batch, prefilled in uneven chunks next to another request
         crowd = run_chunks(make(), reqs, [[("b", 0, 9), ("a", 0, 10)], [("a", 10, 13)]])["a"]

@@ -1,0 +1,26 @@
+"""Fixtures shared by the worker-side tests."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch.distributed as dist
+
+from kevlard.gpu.link import Link
+
+
+@pytest.fixture
+def pair():
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    ends = {}
+
+    def open_end(rank):
+        ends[rank] = Link("test-link", rank, "127.0.0.1", store.port, 30.0)
+
+    threads = [threading.Thread(target=open_end, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    yield ends[0], ends[1]
+    ends[0].close(), ends[1].close()

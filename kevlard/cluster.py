@@ -229,6 +229,12 @@ class Cluster:
     # ---------------------------------------------------------------- traffic from reader threads
 
     def _from_thread(self, wid: int, msg: object) -> None:
+        if isinstance(msg, m.Heartbeat):
+            # stamped as it is read, not when the event loop gets to it: a busy or stalled loop must
+            # not make a live worker's heartbeat look old
+            w = self.workers.get(wid)
+            if w is not None:
+                w.last_heartbeat = time.monotonic()
         self._to_loop(self._dispatch, wid, msg)
 
     def _eof_from_thread(self, wid: int) -> None:
@@ -245,7 +251,6 @@ class Cluster:
         if w is None:
             return
         if isinstance(msg, m.Heartbeat):
-            w.last_heartbeat = time.monotonic()
             w.steps_done = msg.steps_done
         elif isinstance(msg, m.WorkerReady):
             w.last_heartbeat = time.monotonic()

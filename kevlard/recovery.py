@@ -46,6 +46,13 @@ class Recovery:
         while True:
             await asyncio.sleep(max(0.0, wake - time.monotonic()))
             now = time.monotonic()
+            if self.monitor.blind(now - wake, interval):
+                # The daemon itself did not run for a while (host starved of CPU, VM paused, SIGSTOP):
+                # the heartbeats sent meanwhile are still in the pipes, unread. Judge one interval
+                # later, once the reader threads have caught up; a real hang is seen then.
+                self.events.emit("monitor_stalled", None, level=logging.WARNING, late_s=round(now - wake, 3))
+                wake = now + interval
+                continue
             beats = {wid: (w.state, w.last_heartbeat) for wid, w in self.cluster.workers.items()}
             expiry = self.monitor.next_expiry(beats)
             wake = now + interval if expiry is None or expiry <= now else min(now + interval, expiry + 0.001)

@@ -327,7 +327,7 @@
   const EVENT_TONE = {
     failure: "k-bad", pipeline_down: "k-bad", no_route: "k-bad", reroute_failed: "k-bad", rehost_failed: "k-bad",
     spare_failed: "k-bad", restart_failed: "k-bad", fault_injected: "k-warn", step_deadline: "k-warn",
-    restore_waiting: "k-warn", restart: "k-warn", reroute: "k-info", rehost: "k-info", restore: "k-good",
+    restore_waiting: "k-warn", restart: "k-warn", monitor_stalled: "k-warn", reroute: "k-info", rehost: "k-info", restore: "k-good",
     request_resumed: "k-good", replica_lag: "k-quiet",
   };
   const routeText = (route) => (route || []).map((w) => `w${w}`).join(" → ");
@@ -351,6 +351,8 @@
         return `request ${ev.request} ${ev.how === "replica" ? "resumed from the KV replica" : `resumed by ${ev.how}`}, ${ev.recomputed_tokens} token(s) recomputed`;
       case "replica_lag":
         return `replica lag ${ev.tokens} token(s)`;
+      case "monitor_stalled":
+        return `the daemon did not run for ${fmtSeconds(ev.late_s)}: heartbeats judged once read`;
       case "pipeline_down":
         return `P${ev.pipeline} down at stage ${ev.stage}`;
       default: {

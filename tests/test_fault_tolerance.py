@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import threading
 import time
 
@@ -307,3 +308,37 @@ def test_cpu_budget_per_pipeline_pins_each_pipeline_and_the_spare_that_joins_it(
         assert joined != victim
         pid = next(w["pid"] for w in snap["workers"] if w["id"] == joined)
         assert _affinity(pid) == {frozenset(expected[0])}
+
+
+def _pause(pid: int, seconds: float) -> None:
+    os.kill(pid, signal.SIGSTOP)
+    time.sleep(seconds)
+    try:
+        os.kill(pid, signal.SIGCONT)
+    except ProcessLookupError:  # fenced (SIGKILLed) while it was stopped
+        pass
+
+
+def test_a_daemon_that_did_not_run_for_longer_than_the_heartbeat_timeout_fences_nobody(
+        model_dir, reference, tmp_path):
+    """A stalled daemon (a paused VM, a host starved of CPU, SIGSTOP) comes back to heartbeats it has
+    not read yet: its workers were fine all along, and none of them may be declared hung."""
+    with running_daemon(daemon_args(model_dir, tmp_path), tmp_path) as daemon:
+        got = run_load(daemon.url, lambda: _pause(daemon.proc.pid, 2.5))
+        assert_same(got, reference)
+        snap = httpx.get(daemon.url + "/api/cluster").json()
+        assert snap["recovery"]["failures"] == 0, daemon.log()[-3000:]
+        assert all(w["state"] in ("healthy", "spare") for w in snap["workers"])
+
+
+def test_a_worker_that_does_not_run_for_longer_than_the_heartbeat_timeout_is_a_hang(model_dir, reference, tmp_path):
+    """The same pause on one worker only is a hang: fenced, replaced, and nothing lost."""
+    with running_daemon(daemon_args(model_dir, tmp_path), tmp_path) as daemon:
+        snap = httpx.get(daemon.url + "/api/cluster").json()
+        victim = snap["pipelines"][0]["route"][1]
+        pid = next(w["pid"] for w in snap["workers"] if w["id"] == victim)
+        got = run_load(daemon.url, lambda: _pause(pid, 2.5))
+        assert_same(got, reference)
+        snap = wait_restored(daemon.url)
+        assert snap["recovery"]["failures"] == 1
+        assert "reason=hang" in daemon.log()

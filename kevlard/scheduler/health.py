@@ -20,5 +20,11 @@ class HealthMonitor:
                  if state in ("healthy", "spare", "rehosting") and last > 0]
         return min(times) if times else None
 
+    @staticmethod
+    def blind(late_s: float, interval_s: float) -> bool:
+        """Whether the check itself ran so late (by more than an interval) that the heartbeats
+        it sees may be old only because the daemon did not read them: then it must not judge."""
+        return late_s > interval_s
+
     def late_steps(self, now: float, dispatched_at: dict[int, float]) -> list[int]:
         return [step for step, sent in dispatched_at.items() if now - sent > self.step_timeout_s]

@@ -44,6 +44,7 @@ EVENT_KINDS = (
     "worker_state", "failure", "fault_injected", "reroute", "reroute_failed", "rehost",
     "rehost_failed", "restore", "restore_waiting", "request_resumed", "replica_lag",
     "pipeline_down", "no_route", "step_deadline", "spare_failed", "restart", "restart_failed",
+    "monitor_stalled",
 )
 
 # The page loads only its own files and talks only to its own origin; it may not be framed

@@ -15,3 +15,9 @@ def test_the_next_check_is_due_when_the_oldest_live_heartbeat_runs_out():
     beats = {0: ("healthy", 10.2), 1: ("rehosting", 10.1), 2: ("dead", 1.0), 3: ("starting", 0.0)}
     assert m.next_expiry(beats) == 11.1  # worker 1's; the dead one's long past expiry does not count
     assert m.next_expiry({2: ("dead", 1.0)}) is None
+
+
+def test_a_check_that_ran_more_than_an_interval_late_does_not_judge():
+    assert HealthMonitor.blind(late_s=2.5, interval_s=0.1)  # the daemon did not run: heartbeats unread
+    assert HealthMonitor.blind(late_s=0.11, interval_s=0.1)
+    assert not HealthMonitor.blind(late_s=0.05, interval_s=0.1)  # ordinary scheduling jitter

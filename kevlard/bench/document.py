@@ -46,6 +46,10 @@ WHY = {
                 "the 60 s reload; the paper's 500x TTFT comes from requests waiting out a 10-minute restart. "
                 "At 8 requests/s the machine is near saturation: every pass, the failure-free one too, has "
                 "TTFT bumps of its own (see the plot)",
+    "emulated_one": "kevlard's own first tokens bound the ratio: its failure-window TTFT is about 0.1 s on two "
+                    "shared cores, failure-free too, so a 60 s reload, which a request arriving at a random "
+                    "moment of it waits half of on average, gives a few hundred x at most; the paper's restart "
+                    "took 10 minutes",
     "recomputed": "requests whose replica lagged by more than a block when the worker died",
 }
 
@@ -160,20 +164,46 @@ def _plot(bench: Path, name: str, runs: list[dict[str, Any]], title: str) -> str
         return None
 
 
+def serving_rounds(bench: Path) -> list[tuple[dict, dict | None]]:
+    """(kevlard, peer) of each round of the serving benchmark, in order; the first has no suffix."""
+    rounds, i = [], 1
+    while True:
+        suffix = "" if i == 1 else f"-{i}"
+        k = load(bench / f"serving-core-kevlard{suffix}.json")
+        if k is None:
+            return rounds
+        rounds.append((k, load(bench / f"serving-core-peer{suffix}.json")))
+        i += 1
+
+
 def section_serving(bench: Path, t: Targets) -> list[str]:
-    k, p = load(bench / "serving-core-kevlard.json"), load(bench / "serving-core-peer.json")
+    rounds = serving_rounds(bench)
     out = ["## Serving core (issue 2)", "", "```sh", COMMANDS["serving"], "```", ""]
-    if k is None:
+    if not rounds:
         return out + ["Not run.", ""]
-    out += ["Open-loop Poisson arrivals at 8 requests/s, 40 requests, up to 32 output tokens, greedy, streamed;"
-            " kevlard first, then the peer on the same GGUF.", ""]
-    out += _run_table([("kevlard", k)] + ([("transformers serve --continuous-batching", p)] if p else []))
-    ratio = _ratio(_summary(k, "output_tokens_per_s"), _summary(p, "output_tokens_per_s"))
-    t.add("throughput >= 1.5x the peer's (issue 2)", _f(ratio, ".2f", "x"), None if ratio is None else ratio >= 1.5,
+    out += [f"Open-loop Poisson arrivals at 8 requests/s, 40 requests, up to 32 output tokens, greedy, streamed;"
+            f" {len(rounds)} round(s), each kevlard then the peer on the same GGUF, each server started afresh."
+            " The ratio is the median of the rounds'.", ""]
+    multi = len(rounds) > 1
+    rows = []
+    for i, (k, p) in enumerate(rounds, 1):
+        tag = f" ({i})" if multi else ""
+        rows += [("kevlard" + tag, k)] + ([("transformers serve --continuous-batching" + tag, p)] if p else [])
+    out += _run_table(rows)
+    ratios = [r for r in (_ratio(_summary(k, "output_tokens_per_s"), _summary(p, "output_tokens_per_s"))
+                          for k, p in rounds if p) if r is not None]
+    ratio = statistics.median(ratios) if ratios else None
+    each = f" (rounds: {', '.join(f'{r:.2f}' for r in ratios)})" if len(ratios) > 1 else ""
+    t.add("throughput >= 1.5x the peer's (issue 2)", _f(ratio, ".2f", "x") + each,
+          None if ratio is None else ratio >= 1.5,
           "the peer itself varies by about 25 % from run to run on this shared VM")
-    kp99, pp99 = _summary(k, "latency_p99_s"), _summary(p, "latency_p99_s")
-    t.add("p99 latency no worse than the peer's (issue 2)", f"{_f(kp99)} s vs {_f(pp99)} s",
-          None if pp99 is None else kp99 <= pp99)
+    p99s = [(_summary(k, "latency_p99_s"), _summary(p, "latency_p99_s")) for k, p in rounds if p]
+    if p99s:
+        shown = "; ".join(f"{_f(a)} s vs {_f(b)} s" for a, b in p99s)
+        t.add("p99 latency no worse than the peer's (issue 2)", shown,
+              all(a is not None and b is not None and a <= b for a, b in p99s))
+    else:
+        t.add("p99 latency no worse than the peer's (issue 2)", "peer not run", None)
     cold = (bench / "cold-start.txt").read_text().strip() if (bench / "cold-start.txt").exists() else None
     if cold:
         others = _ready_times(bench)
@@ -287,34 +317,48 @@ def replication_pairs(bench: Path) -> list[tuple[dict, dict]]:
     return pairs
 
 
+EMULATED_SETS = (
+    # (file stem before "rate", heading, what the pipelines are, why a missed target was missed)
+    ("compare-emulated-reload-", "2 pipelines x 2 stages + 1 spare", "emulated"),
+    ("compare-emulated-reload-1pipeline-", "1 pipeline x 2 stages + 1 spare: nothing else to absorb the load",
+     "emulated_one"),
+)
+
+
 def section_emulated(bench: Path, t: Targets) -> list[str]:
     out = ["## Against the restart baseline with an emulated 8B reload (issue 5)", "", "```sh", COMMANDS["emulated"], "```", "",
            "`--restart-reload-s 60` makes the restarted pipeline wait 60 s before reloading, standing in for an 8B"
-           " model's reload: **emulated**, in every table and plot. `[cluster] cpu_budget = \"pipeline\"` pins each"
-           " pipeline's workers to a core of its own, as each pipeline would have devices of its own: without it the"
-           " torn-down pipeline's core would simply go to the surviving one.", ""]
+           " model's reload: **emulated**, in every table and plot. With two pipelines, `[cluster] cpu_budget ="
+           " \"pipeline\"` pins each pipeline's workers to a core of its own, as each pipeline would have devices of"
+           " its own: without it the torn-down pipeline's core would simply go to the surviving one. With one"
+           " pipeline, as when one engine instance spans all the devices, the restart leaves no route at all:"
+           " kevlard rehosts the failed stage on the spare from host memory and replays the in-flight requests"
+           " (no buddy, so no replica), the baseline's requests wait for the reload.", ""]
     found = False
-    rates = sorted(int(f.stem.rsplit("rate", 1)[1]) for f in bench.glob("compare-emulated-reload-rate*.json")
-                   if f.stem.rsplit("rate", 1)[1].isdigit())
-    for rate in rates:
-        data = load(bench / f"compare-emulated-reload-rate{rate}.json")
-        if not data:
-            continue
-        found = True
-        runs = data.get("runs", [])
-        out += [f"### {rate} requests/s", ""]
-        out += _fault_table([(r.get("label", "?"), r) for r in runs if r.get("faults")])
-        if (bench / f"compare-emulated-reload-rate{rate}.png").exists():
-            out += [f"![emulated reload, {rate} req/s](bench/compare-emulated-reload-rate{rate}.png)", ""]
-        for row in data.get("ratios", []):
-            ratios = row["ratios"]
-            out += ["| " + row["run"] + " / " + row["against"] + " | " + " | ".join(
-                f"{k}: {_f(v, '.1f', 'x')}" for k, v in ratios.items()) + " |", "|---|" + "---|" * len(ratios), ""]
-            for name, limit in (("latency mean (window)", 5), ("latency p99 (window)", 4), ("TTFT mean (window)", 500),
-                                ("TTFT p99 (window)", 600)):
-                v = ratios.get(name)
-                t.add(f"emulated restart / kevlar at {rate} req/s, {name} >= {limit}x", _f(v, ".1f", "x"),
-                      None if v is None else v >= limit, WHY["emulated"])
+    for stem, topology, why in EMULATED_SETS:
+        files = {f.stem[len(stem) + len("rate"):]: f for f in bench.glob(f"{stem}rate*.json")}
+        rates = sorted(int(r) for r in files if r.isdigit())
+        for rate in rates:
+            data = load(files[str(rate)])
+            if not data:
+                continue
+            found = True
+            where = "" if why == "emulated" else ", one pipeline"
+            runs = data.get("runs", [])
+            out += [f"### {rate} requests/s, {topology}", ""]
+            out += _fault_table([(r.get("label", "?"), r) for r in runs if r.get("faults")])
+            plot = files[str(rate)].with_suffix(".png")
+            if plot.exists():
+                out += [f"![emulated reload, {rate} req/s{where}](bench/{plot.name})", ""]
+            for row in data.get("ratios", []):
+                ratios = row["ratios"]
+                out += ["| " + row["run"] + " / " + row["against"] + " | " + " | ".join(
+                    f"{k}: {_f(v, '.1f', 'x')}" for k, v in ratios.items()) + " |", "|---|" + "---|" * len(ratios), ""]
+                for name, limit in (("latency mean (window)", 5), ("latency p99 (window)", 4),
+                                    ("TTFT mean (window)", 500), ("TTFT p99 (window)", 600)):
+                    v = ratios.get(name)
+                    t.add(f"emulated restart / kevlar at {rate} req/s{where}, {name} >= {limit}x", _f(v, ".1f", "x"),
+                          None if v is None else v >= limit, WHY[why])
     return out + ([] if found else ["Not run.", ""])
 
 

@@ -206,6 +206,7 @@ async def _kill_process(admin: httpx.AsyncClient, base: str, spec: FaultSpec, st
 
 PROBE_RETRY_S = 300.0  # how long a probe keeps trying a server that is restarting
 PROBE_RETRY_EVERY_S = 0.1
+PROBE_TIMEOUT_S = 300.0  # one probe request, waiting out a (possibly emulated) reload; not the admin calls' 10 s
 
 
 async def _probe_first_token(client: httpx.AsyncClient, base: str, model: str | None,
@@ -220,8 +221,9 @@ async def _probe_first_token(client: httpx.AsyncClient, base: str, model: str | 
     give_up = time.perf_counter() + retry_until_s
     while True:
         try:
-            async with asyncio.timeout(120):
-                async with client.stream("POST", f"{base}/v1/chat/completions", json=body) as response:
+            async with asyncio.timeout(PROBE_TIMEOUT_S):
+                async with client.stream("POST", f"{base}/v1/chat/completions", json=body,
+                                         timeout=PROBE_TIMEOUT_S) as response:
                     if not response.is_error:
                         async for line in response.aiter_lines():
                             if not line.startswith("data:") or line.strip() == "data: [DONE]":

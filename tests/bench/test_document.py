@@ -109,3 +109,36 @@ def test_replication_overhead_is_the_median_of_alternating_pairs(tmp_path):
     p99 = next(line for line in text.splitlines() if line.startswith("| replication overhead in p99"))
     assert "| 1.0 % (pairs: 0.0, 30.0, 1.0 %) | **met**" in p99
     assert "replication on (2)" in text and "replication off (3)" in text
+
+
+def test_the_throughput_ratio_is_the_median_of_the_rounds_and_each_round_is_shown(tmp_path):
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    for i, ratio in enumerate((1.4, 1.7, 1.6), 1):
+        suffix = "" if i == 1 else f"-{i}"
+        kevlard, peer = run("kevlard", 1.0, 0.1), run("peer", 3.0, 0.5)
+        peer["summary"]["output_tokens_per_s"] = kevlard["summary"]["output_tokens_per_s"] / ratio
+        write(bench, f"serving-core-kevlard{suffix}.json", kevlard)
+        write(bench, f"serving-core-peer{suffix}.json", peer)
+    text = render(bench)
+    row = next(line for line in text.splitlines() if line.startswith("| throughput >= 1.5x"))
+    assert "1.60x (rounds: 1.40, 1.70, 1.60) | **met**" in row
+    assert "| kevlard (3) |" in text and "| transformers serve --continuous-batching (2) |" in text
+
+
+def test_the_one_pipeline_emulated_comparison_is_judged_on_its_own(tmp_path):
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    kevlar = run("kevlar", 1.0, 0.1, 4.0, 0.5)
+    restart = run("restart (+60 s reload, emulated)", 30.0, 29.0, 4.0, 60.0)
+    write(bench, "compare-emulated-reload-1pipeline-rate3.json",
+          {"runs": [run("failure-free", 1.0, 0.1), kevlar, restart],
+           "ratios": [{"run": "restart (+60 s reload, emulated)", "against": "kevlar",
+                       "ratios": {"latency mean (window)": 30.0, "latency p99 (window)": 30.0,
+                                  "TTFT mean (window)": 290.0, "TTFT p99 (window)": 700.0}}]})
+    text = render(bench)
+    assert "### 3 requests/s, 1 pipeline x 2 stages + 1 spare" in text
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines() if line.startswith("| emulated")}
+    assert "**met**" in rows["emulated restart / kevlar at 3 req/s, one pipeline, latency mean (window) >= 5x"]
+    assert "**missed**" in rows["emulated restart / kevlar at 3 req/s, one pipeline, TTFT mean (window) >= 500x"]
+    assert "**met**" in rows["emulated restart / kevlar at 3 req/s, one pipeline, TTFT p99 (window) >= 600x"]

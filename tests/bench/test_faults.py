@@ -328,3 +328,27 @@ async def run_load_fault_missing_pidfile(tmp_path):
             result = await run_load(url, rate=40.0, requests=5, output_tokens=2, seed=1, model=MODEL_ID,
                                     faults=[parse_fault_spec(f"kill@0.05s:pidfile={tmp_path / 'none.pid'}")])
     return result.faults[0]
+
+
+async def test_the_probe_waits_for_a_first_token_longer_than_the_admin_calls_timeout():
+    """A probe sent into an (emulated) reload waits it out: the admin client's short timeout, meant
+    for /api/cluster and /api/faults, must not make it give up (it did: no probe time at all)."""
+    import httpx
+    from starlette.applications import Starlette
+    from starlette.responses import StreamingResponse
+
+    from kevlard.bench.faults import _probe_first_token
+
+    async def chat(request: Request) -> Response:
+        async def events():
+            await asyncio.sleep(0.6)  # the first token comes after the client's timeout
+            chunk = {"choices": [{"index": 0, "delta": {"content": "OK"}}]}
+            yield "data: " + json.dumps(chunk) + "\n\ndata: [DONE]\n\n"
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
+    with live_server(app) as url:
+        async with httpx.AsyncClient(timeout=0.2) as client:
+            sent = time.perf_counter()
+            got = await _probe_first_token(client, url, MODEL_ID)
+    assert got is not None and got - sent >= 0.6

@@ -50,7 +50,8 @@ class Recovery:
                 # The daemon itself did not run for a while (host starved of CPU, VM paused, SIGSTOP):
                 # the heartbeats sent meanwhile are still in the pipes, unread. Judge one interval
                 # later, once the reader threads have caught up; a real hang is seen then.
-                self.events.emit("monitor_stalled", None, level=logging.WARNING, late_s=round(now - wake, 3))
+                if now - wake >= self.monitor.heartbeat_timeout_s / 2:  # worth telling; jitter is not
+                    self.events.emit("monitor_stalled", None, level=logging.WARNING, late_s=round(now - wake, 3))
                 wake = now + interval
                 continue
             beats = {wid: (w.state, w.last_heartbeat) for wid, w in self.cluster.workers.items()}

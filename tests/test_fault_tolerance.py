@@ -329,6 +329,7 @@ def test_a_daemon_that_did_not_run_for_longer_than_the_heartbeat_timeout_fences_
         snap = httpx.get(daemon.url + "/api/cluster").json()
         assert snap["recovery"]["failures"] == 0, daemon.log()[-3000:]
         assert all(w["state"] in ("healthy", "spare") for w in snap["workers"])
+        assert "event monitor_stalled" in daemon.log()  # the operator is told why nothing was judged
 
 
 def test_a_worker_that_does_not_run_for_longer_than_the_heartbeat_timeout_is_a_hang(model_dir, reference, tmp_path):

@@ -30,15 +30,20 @@ COMMANDS = {
 WHY = {
     "kill_probe": "until the spare takes over (a few tenths of a second later) the buddy computes its stage "
                   "for both pipelines, and the probe queues behind the resumed requests' steps on two shared cores",
+    "hang_probe": "the probe went to the hung pipeline, so it waited out the detection (the heartbeat timeout, "
+                  "1.0 s after the last heartbeat), then the spare's rehost and the resumed requests' steps on "
+                  "two shared cores; a probe sent to the other pipeline answers in about 0.1 s",
     "recovery_90": "the surviving workers share two cores with the spare that is packing its weights",
     "restart_ratio": "in both modes the probe is served by the pipeline that did not fail, so its first token "
                      "measures that pipeline's queue, not the restart ({restart:.2f} s); the restarted pipeline "
                      "itself served again after {restored} s (new worker processes, weights read from the "
                      "safetensors cache: the row below); the emulated-reload section stretches the restart "
                      "to an 8B model's",
-    "replication": "replication's sender and receiver threads compete with the steps for two shared cores, and "
-                   "a p99 over a few dozen requests is their slowest one or two: single runs differ by more "
-                   "than 2 % without any change",
+    "replication": "shipping costs CPU the steps need on two shared cores: the KV is float64, 46 KB per token "
+                   "per stage (prompts are most of it), gathered, converted, sent over loopback TCP, received "
+                   "and scattered; the replication threads and their link threads used about 5 % of the "
+                   "machine at this load (/proc thread CPU times). A p99 over 40 requests is their slowest one "
+                   "or two, so single pairs spread widely (docs/bench/ANALYSIS.md)",
     "window": "during the failover the buddy serves two pipelines' worth of its stage on shared cores",
     "emulated": "the surviving pipeline absorbs most of the load while the other one reloads: decoding is "
                 "memory-bound, so on its own core it batches more (one pipeline alone served 9.2 requests/s "
@@ -209,8 +214,9 @@ def section_serving(bench: Path, t: Targets) -> list[str]:
         others = _ready_times(bench)
         spread = f" (every start in these runs: {min(others):.1f}-{max(others):.1f} s)" if others else ""
         t.add("cold start to /ready <= 5 s, weight cache present (issue 2)", f"{float(cold):.1f} s{spread}",
-              float(cold) <= 5.0, "the first start of a `make bench` may find the 0.5 GB weight cache out of the page "
-              "cache and read it from disk")
+              float(cold) <= 5.0, "this VM runs a DAMON pageout scheme (/sys/kernel/mm/damon: action pageout) that drops "
+              "file pages left idle for a while, so the first start after a pause reads the 0.5 GB weight cache "
+              "and the libraries back from disk; the later starts of the same run are the ones with warm caches")
     return out
 
 
@@ -253,7 +259,8 @@ def section_faults(bench: Path, t: Targets) -> list[str]:
     t.add("SIGKILL -> first token of a new request <= 0.3 s", f"{_f(probe, '.3f')} s",
           None if probe is None else probe <= 0.3, WHY["kill_probe"])
     hp = hf.get("probe_first_token_s")
-    t.add("hang -> first token <= heartbeat timeout + 0.3 s = 1.3 s", f"{_f(hp, '.3f')} s", None if hp is None else hp <= 1.3)
+    t.add("hang -> first token <= heartbeat timeout + 0.3 s = 1.3 s", f"{_f(hp, '.3f')} s", None if hp is None else hp <= 1.3,
+          WHY["hang_probe"])
     back = kf.get("recovery_to_90pct_s")
     t.add("SIGKILL -> back to 90 % of pre-fault throughput <= 2 s", f"{_f(back)} s", None if back is None else back <= 2.0,
           WHY["recovery_90"])

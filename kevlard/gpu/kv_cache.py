@@ -1,6 +1,8 @@
 """The paged KV cache of one stage: one allocation per worker, sliced per layer and block."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 
@@ -14,16 +16,39 @@ def attention_dtype(model_dtype: torch.dtype) -> torch.dtype:
 
 class KVCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
-                 head_dim: int, dtype: torch.dtype, device: str | torch.device = "cpu"):
+                 head_dim: int, dtype: torch.dtype, device: str | torch.device = "cpu", shared: bool = False):
+        """`shared` (CPU only): the memory is an anonymous shared file (memfd) that another process
+        of the same user can map through `share_info()`: a replica pool its source writes straight into."""
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.shm_fd: int | None = None
+        shape = (2, num_layers, num_blocks * block_size, num_kv_heads, head_dim)
         # [2, L, num_blocks * block_size, kvh, hd]: one tensor, so a block of every layer is one slice.
         # Zeroed (so touched) here, while the stage is hosted: left to be first touched by the
         # steps and the replica receiver while serving, its page faults cost 10 % of throughput
         # and a third more p99 latency with replication on (measured, kevlard bench --replication
         # on,off); hosting a stage took no longer for it (0.2-0.3 s either way).
-        self.data = torch.zeros(2, num_layers, num_blocks * block_size, num_kv_heads, head_dim,
-                                dtype=dtype, device=device)
+        if shared and torch.device(device).type == "cpu":
+            numel = 1
+            for d in shape:
+                numel *= d
+            self.shm_fd = os.memfd_create("kevlard-kv", os.MFD_CLOEXEC)
+            os.ftruncate(self.shm_fd, numel * torch.empty((), dtype=dtype).element_size())
+            self.data = torch.from_file(f"/proc/self/fd/{self.shm_fd}", shared=True, size=numel,
+                                        dtype=dtype).view(shape)
+            self.data.zero_()
+        else:
+            self.data = torch.zeros(shape, dtype=dtype, device=device)
+
+    def share_info(self) -> tuple[int, int, int]:
+        """(pid, fd, number of elements) to map this cache from another process; fd -1 if not shared."""
+        return (os.getpid(), self.shm_fd, self.data.numel()) if self.shm_fd is not None else (0, -1, 0)
+
+    def close(self) -> None:
+        """Release the shared file's descriptor: the memory goes once no process maps it any more."""
+        if self.shm_fd is not None:
+            os.close(self.shm_fd)
+            self.shm_fd = None
 
     def slots(self, block_table: tuple[int, ...], start: int, end: int) -> torch.Tensor:
         """Flat slot index of positions [start, end) of a sequence with this block table."""
@@ -63,3 +88,20 @@ class KVCache:
 def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
                     dtype_size: int) -> int:
     return 2 * num_layers * block_size * num_kv_heads * head_dim * dtype_size
+
+
+def map_shared(pid: int, fd: int, numel: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+    """Another process's shared KV cache (`KVCache.share_info`), or None when it cannot be mapped
+    (gone, not shared, or not the size expected)."""
+    expected = 1
+    for d in shape:
+        expected *= d
+    if fd < 0 or numel != expected:
+        return None
+    path = f"/proc/{pid}/fd/{fd}"
+    try:
+        if os.stat(path).st_size != numel * torch.empty((), dtype=dtype).element_size():
+            return None
+        return torch.from_file(path, shared=True, size=numel, dtype=dtype).view(shape)
+    except (OSError, RuntimeError):
+        return None

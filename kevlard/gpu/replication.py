@@ -5,10 +5,15 @@ The buddy's replica pool holds the block ids below its size (`kv.replica_fractio
 writes into a block past it is not shipped, and the span reported for the request ends where
 that block begins, so its watermark stops there.
 
-Wire format on a `repl` link, per shipment: a header [num_slots, num_reqs, pipeline, stage]
-(int64), a body [slots..., req_id, start, end, ...] (int64), then the KV of those slots
-[2, L, num_slots, kvh, hd]. Shipments are FIFO, so a block that was freed and reused is always
-overwritten by its newer owner's data last.
+Wire format on a `repl` link: first the receiver's handshake [pid, fd, numel] (int64), how to
+map its replica pool when it lies in shared memory (CPU workers; fd -1 otherwise). Then per
+shipment: a header [num_slots, num_reqs, pipeline, stage, in_pool] (int64), a body [slots...,
+req_id, start, end, ...] (int64), then, unless in_pool, the KV of those slots [2, L, num_slots,
+kvh, hd]. With the pool mapped, the sender copies the KV straight into it before sending the
+header (in_pool = 1): one pass over the bytes instead of gather, convert, send, receive, convert,
+scatter, and no sockets. Shipments are FIFO either way, so a block that was freed and reused is
+always overwritten by its newer owner's data last, and a span is acked only after its data is in
+the pool.
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from kevlard.gpu.kv_cache import KVCache
+from kevlard.gpu.kv_cache import KVCache, map_shared
 from kevlard.gpu.link import Link, LinkError
 
 log = logging.getLogger("kevlard.replication")
@@ -50,6 +55,7 @@ class ReplicaSender:
         self._due: dict[int, int] = {}  # tokens waiting per request
         self._wake = threading.Event()
         self._idle = False  # the sender waits for any write, not for the interval
+        self._remote = None  # the buddy's replica pool, when mapped (shared memory, same host)
         self.alive = True
         self._thread = threading.Thread(target=self._run, name="replica-sender", daemon=True)
         self._thread.start()
@@ -80,6 +86,12 @@ class ReplicaSender:
         self._wake.set()
 
     def _run(self) -> None:
+        try:
+            self._remote = self._map_buddy_pool()
+        except LinkError as e:
+            log.warning("replication link down: %s", e)
+            self.alive = False
+            return
         last_ship = float("-inf")
         while True:
             # a shipment at most every interval, or sooner once a request has a block's worth
@@ -112,6 +124,20 @@ class ReplicaSender:
             if not self.alive:
                 return
 
+    def _map_buddy_pool(self):
+        """The buddy's replica pool, mapped, when it lies in shared memory this process can map."""
+        pid, fd, numel = self.link.recv((3,), torch.long).tolist()
+        d = self.kv.data
+        if d.device.type != "cpu":
+            return None
+        shape = (d.shape[0], d.shape[1], self.replica_blocks * self.kv.block_size, d.shape[3], d.shape[4])
+        remote = map_shared(pid, fd, numel, shape, d.dtype)
+        if remote is None and fd >= 0:
+            log.warning("could not map the buddy's replica pool (pid %d): shipping over the link", pid)
+        elif remote is not None:
+            log.info("replicating straight into the replica pool of pid %d (shared memory)", pid)
+        return remote
+
     def _ship(self, pipeline: int, stage: int, entries) -> None:
         bs = self.kv.block_size
         # a request's steps since the last shipment are back to back: one span each, not one per step
@@ -135,13 +161,34 @@ class ReplicaSender:
             first, end = spans.get(req_id, (a, b))
             spans[req_id] = (min(first, a), max(end, b))
         body = torch.tensor(slots + [x for req, (a, b) in spans.items() for x in (req, a, b)], dtype=torch.long)
-        header = torch.tensor([len(slots), len(spans), pipeline, stage], dtype=torch.long)
+        remote = self._remote
+        header = torch.tensor([len(slots), len(spans), pipeline, stage, int(remote is not None)], dtype=torch.long)
+        if remote is not None:
+            # straight into the buddy's pool, a run of slots within a block at a time (a strided copy
+            # per run is 2-3x faster than index_select + index_copy_ for decode-sized runs)
+            data = self.kv.data
+            for a, b in _runs(slots):
+                remote[:, :, a:b].copy_(data[:, :, a:b])
+            self.link.send(header)
+            self.link.send(body)
+            return
         # the cache may be float64 (gpu/kv_cache.attention_dtype), but every value in it came from a
         # float32 projection: float32 on the wire is lossless and half the bytes
         values = self.kv.gather(body[:len(slots)].to(self.kv.data.device)).to(torch.float32).cpu()
         self.link.send(header)
         self.link.send(body)
         self.link.send(values)
+
+
+def _runs(slots: list[int]) -> list[tuple[int, int]]:
+    """[a, b) ranges of consecutive slot numbers, in order."""
+    runs: list[tuple[int, int]] = []
+    for x in slots:
+        if runs and runs[-1][1] == x:
+            runs[-1] = (runs[-1][0], x + 1)
+        else:
+            runs.append((x, x + 1))
+    return runs
 
 
 def replicable_end(table, start: int, end: int, block_size: int, replica_blocks: int) -> int:
@@ -163,6 +210,7 @@ class ReplicaReceiver:
         self.source = source
         self.ack = ack
         self.alive = True
+        self._shook_hands = False
         self._thread = threading.Thread(target=self._run, name=f"replica-receiver-{source}", daemon=True)
         self._thread.start()
 
@@ -170,14 +218,18 @@ class ReplicaReceiver:
         dtype = torch.float32 if self.kv.data.dtype == torch.float64 else self.kv.data.dtype  # see _ship
         while self.alive:
             try:
-                num_slots, num_reqs, pipeline, stage = self.link.recv((4,), torch.long).tolist()
+                if not self._shook_hands:
+                    self.link.send(torch.tensor(self.kv.share_info(), dtype=torch.long))
+                    self._shook_hands = True
+                num_slots, num_reqs, pipeline, stage, in_pool = self.link.recv((5,), torch.long).tolist()
                 body = self.link.recv((num_slots + 3 * num_reqs,), torch.long)
-                values = self.link.recv((self.kv.slot_shape[0], self.kv.slot_shape[1], num_slots,
-                                         *self.kv.slot_shape[2:]), dtype)
+                if not in_pool:
+                    values = self.link.recv((self.kv.slot_shape[0], self.kv.slot_shape[1], num_slots,
+                                             *self.kv.slot_shape[2:]), dtype)
             except LinkError:
                 self.alive = False  # the source died or the link was closed: nothing more to store
                 return
-            slots = body[:num_slots].to(self.kv.data.device)
-            self.kv.scatter(slots, values)
+            if not in_pool:  # else the source wrote them into our pool itself before the header
+                self.kv.scatter(body[:num_slots].to(self.kv.data.device), values)
             spans = body[num_slots:].tolist()
             self.ack(self.source, pipeline, stage, tuple(zip(spans[0::3], spans[1::3], spans[2::3])))

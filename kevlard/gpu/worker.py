@@ -118,19 +118,23 @@ class Worker:
         spec = msg.spec
         dtype = attention_dtype(getattr(self.torch, msg.dtype))
 
-        def cache(num_blocks: int) -> KVCache:
+        def cache(num_blocks: int, shared: bool = False) -> KVCache:
             return KVCache(msg.last_layer - msg.first_layer, num_blocks, msg.block_size, spec.num_kv_heads,
-                           spec.head_dim, dtype, self.device)
+                           spec.head_dim, dtype, self.device, shared=shared)
 
         def build():
             kv = cache(msg.num_blocks)
-            return kv, cache(msg.replica_blocks) if msg.replica_blocks else None, StageModel(
+            # the replica pool in shared memory on CPU: the source worker writes into it directly
+            return kv, cache(msg.replica_blocks, shared=True) if msg.replica_blocks else None, StageModel(
                 weights, spec, msg.first_layer, msg.last_layer, msg.is_first, msg.is_last, kv, self.device)
 
         # On CPU, building the stage (packing the weights for oneDNN) takes a few tenths of a second
         # of a core that the serving workers need while a spare rehosts after a failure: it runs at
         # a lower priority so that serving goes first.
+        old_replica = self.replica_kv
         kv, self.replica_kv, model = _at_low_priority(build) if self.device.type == "cpu" else build()
+        if old_replica is not None:
+            old_replica.close()  # its memory goes once its source, if any, stops mapping it
         if self.device.type == "cpu" and msg.weights_dir is None:
             drop_mapped_pages(weights)
         self.stages.clear()

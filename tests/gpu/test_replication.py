@@ -19,16 +19,18 @@ def test_tokens_stop_fitting_the_replica_pool_at_the_first_block_past_it():
 
 
 
-@pytest.fixture
-def replication(pair):
-    """A sender and a receiver over a real link: make(interval_s) -> (sender, source KV, replica KV, acks)."""
+@pytest.fixture(params=[False, True], ids=["over-the-link", "shared-pool"])
+def replication(pair, request):
+    """A sender and a receiver over a real link: make(interval_s) -> (sender, source KV, replica KV, acks).
+    Twice: a replica pool the KV travels to over the link (GPU workers), and one in shared memory the
+    source writes into itself (CPU workers)."""
     made = []
 
     def make(interval_s: float):
         out, into = pair
         src = KVCache(2, 8, 4, 1, 2, torch.float64)
         src.data.copy_(torch.randn(src.data.shape, dtype=torch.float32))  # float32 values, as a projection's
-        dst = KVCache(2, 8, 4, 1, 2, torch.float64)
+        dst = KVCache(2, 8, 4, 1, 2, torch.float64, shared=request.param)
         acks = []
         receiver = ReplicaReceiver(into, dst, 7, lambda source, p, s, spans: acks.append(spans))
         sender = ReplicaSender(out, src, replica_blocks=8, interval_s=interval_s)
@@ -39,6 +41,7 @@ def replication(pair):
     for sender, receiver in made:
         sender.close()
         receiver.alive = False
+        receiver.kv.close()
 
 
 def step(sender, table, pos: int, n: int = 1) -> None:
@@ -89,3 +92,32 @@ def test_a_block_worth_of_waiting_tokens_ships_before_the_interval_ends(replicat
     assert acks == [((11, 0, 1),), ((11, 1, 5),)]
     slots = src.slots(table, 0, 5)
     assert torch.equal(dst.gather(slots), src.gather(slots))
+
+
+def test_a_replica_pool_in_shared_memory_is_written_by_its_source_and_acked_after(pair):
+    """On CPU the source maps its buddy's pool and copies the KV in itself; the buddy only acks the
+    spans, so it never receives or scatters KV, and the replica still holds exactly what was written."""
+    out, into = pair
+    src = KVCache(2, 8, 4, 1, 2, torch.float64)
+    src.data.copy_(torch.randn(src.data.shape, dtype=torch.float32))
+    dst = KVCache(2, 8, 4, 1, 2, torch.float64, shared=True)
+
+    def no_scatter(*_):
+        raise AssertionError("the receiver scattered KV it should have found in its pool")
+
+    dst.scatter = no_scatter
+    acks = []
+    receiver = ReplicaReceiver(into, dst, 7, lambda source, p, s, spans: acks.append(spans))
+    sender = ReplicaSender(out, src, replica_blocks=8, interval_s=0.05)
+    try:
+        table = (6, 2, 3)
+        step(sender, table, 0, 9)
+        assert acked(acks, 1, 10) and acks[0] == ((11, 0, 9),)
+        assert sender._remote is not None
+        slots = src.slots(table, 0, 9)
+        assert torch.equal(dst.data.index_select(2, slots), src.data.index_select(2, slots))
+        assert not dst.data.index_select(2, src.slots(table, 9, 12)).any()
+    finally:
+        sender.close()
+        receiver.alive = False
+        dst.close()

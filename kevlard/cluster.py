@@ -91,10 +91,12 @@ class Cluster:
 
     async def start(self, stage_commands: Callable[[int], m.HostStage]) -> None:
         """Host each pipeline's stages and open each pipeline's links."""
+        t0 = time.monotonic()
         if not self.workers:
             self.spawn_pipeline_workers()
         self.start_store()
         await self._wait_ready(list(self.workers))
+        t_ready = time.monotonic()
         hosts = []
         for p, route in enumerate(self.routes):
             for s, wid in enumerate(route):
@@ -105,7 +107,8 @@ class Cluster:
                 w.state = "healthy"
                 self.pin(wid, p)
                 hosts.append(self.command(wid, cmd))
-        await asyncio.gather(*hosts)
+        hosted = await asyncio.gather(*hosts)
+        t_hosted = time.monotonic()
         pairs = [(a, b) for route in self.routes for a, b in zip(route, route[1:])]
         # standby links: the buddy of (p, s) is already linked to p's stage s-1 and s+1 workers,
         # so a reroute switches routes without opening anything
@@ -121,6 +124,11 @@ class Cluster:
         links += [self.open_link(self.routes[p][s], holder, "repl")
                   for (p, s), holder in self.replica_holder.items() if holder is not None]
         await asyncio.gather(*links)
+        # the phases of a start, to see which one a slow start spent its time in
+        log.info("start: weight store built and workers ready after %.2f s, stages hosted in %.2f s "
+                 "(slowest worker %.2f s), links open in %.2f s", t_ready - t0, t_hosted - t_ready,
+                 max((r.get("host_s", 0.0) for r in hosted if isinstance(r, dict)), default=0.0),
+                 time.monotonic() - t_hosted)
 
     def start_store(self) -> None:
         """The rendezvous store through which pairs of workers find each other to open a link."""

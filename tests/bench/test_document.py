@@ -85,7 +85,7 @@ def test_a_missed_target_gives_its_reason_once(tmp_path):
     back = next(line for line in text.splitlines() if line.startswith("| restart / kevlar, SIGKILL -> failed pipeline"))
     assert "2.000 / 0.0050 s = 400x | n/a |" in back
     p99 = next(line for line in text.splitlines() if line.startswith("| replication overhead in p99"))
-    assert "10.0 %" in p99 and "**missed**" in p99 and "compete with the steps" in p99
+    assert "10.0 %" in p99 and "**missed**" in p99 and "the two cores the steps need" in p99
 
 
 def test_a_run_read_back_from_json_is_the_run_that_was_written():

@@ -1,0 +1,42 @@
+"""What docs/BENCHMARKS.md says beside the numbers: each benchmark's command, and why a missed target
+was missed, from what was measured on this machine (docs/bench/ANALYSIS.md has the measurements)."""
+from __future__ import annotations
+
+COMMANDS = {
+    "serving": "bash bench/serving_core.sh      # PEER_VENV=/tmp/peer: a venv with 'transformers[serving]' gguf accelerate",
+    "faults": "bash bench/fault_tolerance.sh",
+    "emulated": "bash bench/emulated_restart.sh",
+    "peer": "bash bench/peer_restart.sh       # PEER_VENV as above",
+    "scaling": ".venv/bin/python bench/scaling.py",
+    "gpu": "bash bench/gpu_check.sh          # on a machine with an NVIDIA GPU",
+}
+WHY = {
+    "kill_probe": "until the spare takes over (a few tenths of a second later) the buddy computes its stage "
+                  "for both pipelines, and the probe queues behind the resumed requests' steps on two shared cores",
+    "hang_probe": "the probe went to the hung pipeline, so it waited out the detection (the heartbeat timeout, "
+                  "1.0 s after the last heartbeat), then the spare's rehost and the resumed requests' steps on "
+                  "two shared cores; a probe sent to the other pipeline answers in about 0.1 s",
+    "recovery_90": "the surviving workers share two cores with the spare that is packing its weights",
+    "restart_ratio": "in both modes the probe is served by the pipeline that did not fail, so its first token "
+                     "measures that pipeline's queue, not the restart ({restart:.2f} s); the restarted pipeline "
+                     "itself served again after {restored} s (new worker processes, weights read from the "
+                     "safetensors cache: the row below); the emulated-reload section stretches the restart "
+                     "to an 8B model's",
+    "replication": "on CPU a shipment is now one copy into the buddy's shared-memory pool plus a few small "
+                   "messages (it was gather, convert, loopback TCP, convert, scatter: 12.6 % p99 in the run "
+                   "before); what is left is the replication threads' wake-ups and Python per shipment, the acks, "
+                   "and the copy, on the two cores the steps need. A p99 over 40 requests is their slowest one "
+                   "or two: the pairs of one run spread over 12 points (docs/bench/ANALYSIS.md)",
+    "window": "during the failover the buddy serves two pipelines' worth of its stage on shared cores",
+    "emulated": "the surviving pipeline absorbs most of the load while the other one reloads: decoding is "
+                "memory-bound, so on its own core it batches more (one pipeline alone served 9.2 requests/s "
+                "of 32 tokens here, at 5.6 s mean latency), so the baseline's requests wait seconds, not "
+                "the 60 s reload; the paper's 500x TTFT comes from requests waiting out a 10-minute restart. "
+                "At 8 requests/s the machine is near saturation: every pass, the failure-free one too, has "
+                "TTFT bumps of its own (see the plot)",
+    "emulated_one": "kevlard's own first tokens bound the ratio: its failure-window TTFT is about 0.1 s on two "
+                    "shared cores, failure-free too, so a 60 s reload, which a request arriving at a random "
+                    "moment of it waits half of on average, gives a few hundred x at most; the paper's restart "
+                    "took 10 minutes",
+    "recomputed": "requests whose replica lagged by more than a block when the worker died",
+}

@@ -125,10 +125,11 @@ class Cluster:
                   for (p, s), holder in self.replica_holder.items() if holder is not None]
         await asyncio.gather(*links)
         # the phases of a start, to see which one a slow start spent its time in
+        slowest = max((r for r in hosted if isinstance(r, dict)), key=lambda r: r.get("host_s", 0.0), default={})
         log.info("start: weight store built and workers ready after %.2f s, stages hosted in %.2f s "
-                 "(slowest worker %.2f s), links open in %.2f s", t_ready - t0, t_hosted - t_ready,
-                 max((r.get("host_s", 0.0) for r in hosted if isinstance(r, dict)), default=0.0),
-                 time.monotonic() - t_hosted)
+                 "(slowest worker %.2f s: attach %s s, KV %s s, pack %s s), links open in %.2f s",
+                 t_ready - t0, t_hosted - t_ready, slowest.get("host_s", 0.0), slowest.get("attach_s"),
+                 slowest.get("kv_s"), slowest.get("pack_s"), time.monotonic() - t_hosted)
 
     def start_store(self) -> None:
         """The rendezvous store through which pairs of workers find each other to open a link."""

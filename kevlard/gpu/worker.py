@@ -115,6 +115,7 @@ class Worker:
                                            msg.is_last, msg.dtype, str(self.device))
         else:
             weights = attach_stage(msg.handle, str(self.device))
+        phases = {"attach_s": time.monotonic() - t0}
         spec = msg.spec
         dtype = attention_dtype(getattr(self.torch, msg.dtype))
 
@@ -123,10 +124,16 @@ class Worker:
                            spec.head_dim, dtype, self.device, shared=shared)
 
         def build():
+            t = time.monotonic()
             kv = cache(msg.num_blocks)
             # the replica pool in shared memory on CPU: the source worker writes into it directly
-            return kv, cache(msg.replica_blocks, shared=True) if msg.replica_blocks else None, StageModel(
-                weights, spec, msg.first_layer, msg.last_layer, msg.is_first, msg.is_last, kv, self.device)
+            replica = cache(msg.replica_blocks, shared=True) if msg.replica_blocks else None
+            phases["kv_s"] = time.monotonic() - t
+            t = time.monotonic()
+            model = StageModel(weights, spec, msg.first_layer, msg.last_layer, msg.is_first, msg.is_last, kv,
+                               self.device)
+            phases["pack_s"] = time.monotonic() - t  # on CPU mostly the weights' oneDNN packing
+            return kv, replica, model
 
         # On CPU, building the stage (packing the weights for oneDNN) takes a few tenths of a second
         # of a core that the serving workers need while a spare rehosts after a failure: it runs at
@@ -142,7 +149,8 @@ class Worker:
         self.replica_blocks = msg.replica_blocks
         self.replication_interval_s = msg.replication_interval_s
         replica_bytes = self.replica_kv.nbytes if self.replica_kv is not None else 0
-        return {"host_s": time.monotonic() - t0, "kv_bytes": kv.nbytes + replica_bytes}
+        return {"host_s": time.monotonic() - t0, "kv_bytes": kv.nbytes + replica_bytes,
+                **{k: round(v, 3) for k, v in phases.items()}}
 
     def _open_link(self, msg: m.OpenLink) -> dict:
         from kevlard.gpu.link import Link

@@ -1,6 +1,7 @@
 """The paged KV cache of one stage: one allocation per worker, sliced per layer and block."""
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -29,11 +30,9 @@ class KVCache:
         # and a third more p99 latency with replication on (measured, kevlard bench --replication
         # on,off); hosting a stage took no longer for it (0.2-0.3 s either way).
         if shared and torch.device(device).type == "cpu":
-            numel = 1
-            for d in shape:
-                numel *= d
+            numel = math.prod(shape)
             self.shm_fd = os.memfd_create("kevlard-kv", os.MFD_CLOEXEC)
-            os.ftruncate(self.shm_fd, numel * torch.empty((), dtype=dtype).element_size())
+            os.ftruncate(self.shm_fd, numel * dtype.itemsize)
             self.data = torch.from_file(f"/proc/self/fd/{self.shm_fd}", shared=True, size=numel,
                                         dtype=dtype).view(shape)
             self.data.zero_()
@@ -93,14 +92,11 @@ def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_di
 def map_shared(pid: int, fd: int, numel: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
     """Another process's shared KV cache (`KVCache.share_info`), or None when it cannot be mapped
     (gone, not shared, or not the size expected)."""
-    expected = 1
-    for d in shape:
-        expected *= d
-    if fd < 0 or numel != expected:
+    if fd < 0 or numel != math.prod(shape):
         return None
     path = f"/proc/{pid}/fd/{fd}"
     try:
-        if os.stat(path).st_size != numel * torch.empty((), dtype=dtype).element_size():
+        if os.stat(path).st_size != numel * dtype.itemsize:
             return None
         return torch.from_file(path, shared=True, size=numel, dtype=dtype).view(shape)
     except (OSError, RuntimeError):

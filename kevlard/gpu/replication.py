@@ -210,17 +210,18 @@ class ReplicaReceiver:
         self.source = source
         self.ack = ack
         self.alive = True
-        self._shook_hands = False
         self._thread = threading.Thread(target=self._run, name=f"replica-receiver-{source}", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         dtype = torch.float32 if self.kv.data.dtype == torch.float64 else self.kv.data.dtype  # see _ship
+        try:  # how the source can map our pool (fd -1: it cannot, and ships the KV over the link)
+            self.link.send(torch.tensor(self.kv.share_info(), dtype=torch.long))
+        except LinkError:
+            self.alive = False
+            return
         while self.alive:
             try:
-                if not self._shook_hands:
-                    self.link.send(torch.tensor(self.kv.share_info(), dtype=torch.long))
-                    self._shook_hands = True
                 num_slots, num_reqs, pipeline, stage, in_pool = self.link.recv((5,), torch.long).tolist()
                 body = self.link.recv((num_slots + 3 * num_reqs,), torch.long)
                 if not in_pool:

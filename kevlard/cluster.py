@@ -63,17 +63,22 @@ class Cluster:
         self._cmd_ids = itertools.count(1)
         self._pending: dict[int, tuple[int, asyncio.Future]] = {}  # cmd_id -> (worker, reply)
         self._store = None
+        self.spawning: asyncio.Task | None = None  # the pipelines' workers being spawned (daemon start)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.on_message: Callable[[int, object], None] = lambda wid, msg: None
         self.on_death: Callable[[int], None] = lambda wid: None
 
     # ---------------------------------------------------------------- start-up
 
-    def spawn_pipeline_workers(self) -> None:
-        """Start the pipelines' workers now: they import torch while the daemon loads the model."""
+    async def spawn_pipeline_workers(self) -> None:
+        """Start the pipelines' workers: their fork server imports torch while the daemon loads the
+        model (the first start blocks until it has; a thread waits for that, not the loop)."""
         self.loop = asyncio.get_running_loop()
-        for wid in range(self.topology.pipelines * self.topology.stages):
-            self._spawn(wid, self.topology.devices[wid])
+        ids = range(self.topology.pipelines * self.topology.stages)
+        handles = await asyncio.to_thread(
+            lambda: [self.launcher.spawn(wid, self.topology.devices[wid], self.threads_per_worker) for wid in ids])
+        for handle in handles:
+            self._register(handle)
 
     async def start_spares(self) -> None:
         """Spares are spawned once the pipelines serve, so they do not slow the cold start."""
@@ -92,8 +97,10 @@ class Cluster:
     async def start(self, stage_commands: Callable[[int], m.HostStage]) -> None:
         """Host each pipeline's stages and open each pipeline's links."""
         t0 = time.monotonic()
-        if not self.workers:
-            self.spawn_pipeline_workers()
+        if self.spawning is not None:
+            await asyncio.shield(self.spawning)  # cancelled start-up: the daemon still awaits it, then stops them
+        elif not self.workers:
+            await self.spawn_pipeline_workers()
         self.start_store()
         await self._wait_ready(list(self.workers))
         t_ready = time.monotonic()
@@ -143,9 +150,10 @@ class Cluster:
             await self.open_link(a, b)
 
     def _spawn(self, wid: int, device: str) -> None:
-        handle = self.launcher.spawn(wid, device, self.threads_per_worker)
-        state = WorkerState(handle, ready=self.loop.create_future())
-        self.workers[wid] = state
+        self._register(self.launcher.spawn(wid, device, self.threads_per_worker))
+
+    def _register(self, handle) -> None:
+        self.workers[handle.id] = WorkerState(handle, ready=self.loop.create_future())
         handle.start_reader(self._from_thread, self._eof_from_thread)
 
     async def _wait_ready(self, ids: list[int]) -> None:

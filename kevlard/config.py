@@ -36,7 +36,7 @@ class ModelConfig:
     path: str = ""  # a HF directory or a .gguf file; empty: the embedded SmolLM2-135M-Instruct
     name: str = ""  # id served by /v1/models; empty: derived from the path
     dtype: str = "float32"  # float32 | bfloat16 | float16
-    cache_dir: str = ""  # where GGUF files are converted to safetensors; empty: ~/.cache/kevlard
+    cache_dir: str = ""  # GGUF conversions and (CPU) packed linear layers; empty: ~/.cache/kevlard
     max_model_len: int = 0  # 0: the model's max_position_embeddings (capped at 8192)
 
 

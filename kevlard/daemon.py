@@ -119,10 +119,12 @@ async def _serve(config: Config) -> int:
     if config.cluster.cpu_budget == "pipeline" and topo.kind == "cpu":
         cluster.cpu_sets = pipeline_cpu_sets(topo.pipelines, sorted(os.sched_getaffinity(0)))
         log.info("cpu_budget = pipeline: pipelines pinned to cores %s", [sorted(c) for c in cluster.cpu_sets])
-    cluster.spawn_pipeline_workers()
+    cluster.spawning = asyncio.ensure_future(cluster.spawn_pipeline_workers())
     try:
         return await _load_and_serve(config, topo, cluster, t0, listener)
     finally:
+        with contextlib.suppress(BaseException):  # started workers are registered, then stopped
+            await cluster.spawning
         await asyncio.to_thread(cluster.stop)
 
 
@@ -149,14 +151,17 @@ async def _load_and_serve(config: Config, topo, cluster, t0: float, listener: so
              source.name, spec.num_layers, spec.hidden_size, topo.pipelines, topo.stages,
              [f"{a}-{b - 1}" for a, b in bounds], topo.spares, topo.kind)
 
-    creating = asyncio.ensure_future(asyncio.to_thread(HostWeightStore.create, source, config.model.dtype, ""))
+    creating = asyncio.ensure_future(asyncio.to_thread(
+        HostWeightStore.create, source, config.model.dtype, "", packed_cache=_packed_cache(config, topo, source),
+        log=lambda msg: log.info("%s", msg)))
     try:
         store = await asyncio.shield(creating)
     except asyncio.CancelledError:  # SIGTERM while copying: let the copy end, then free the segment
         (await creating).close()
         raise
     try:
-        log.info("host weight store: %.1f MB in %s", store.nbytes / 2 ** 20, store.path)
+        log.info("host weight store: %.1f MB in %s%s", store.nbytes / 2 ** 20, store.path,
+                 f", {store.packed_bytes / 2 ** 20:.1f} MB of packed linear layers" if store.packed_bytes else "")
         kv_dtype_size = 4 if config.model.dtype in ("float16", "bfloat16") else 8  # gpu/kv_cache.attention_dtype
         max_layers = max(b - a for a, b in bounds)
         per_block = bytes_per_block(max_layers, config.kv.block_size, spec.num_kv_heads, spec.head_dim, kv_dtype_size)
@@ -190,6 +195,21 @@ async def _load_and_serve(config: Config, topo, cluster, t0: float, listener: so
     finally:
         store.close()
         log.info("stopped")
+
+
+def _packed_cache(config: Config, topo, source):
+    """Where the store keeps the linear layers packed for oneDNN (CPU workers, float32), or False
+    when the workers use plain weights (GPUs, half precision, or a torch that cannot share them)."""
+    import hashlib
+    from pathlib import Path
+
+    from kevlard.gpu import packed
+    from kevlard.model_source import DEFAULT_CACHE_DIR
+
+    if topo.kind != "cpu" or config.model.dtype != "float32" or not packed.supported():
+        return False
+    key = hashlib.sha256(str(source.weights_dir.resolve()).encode()).hexdigest()[:24]
+    return Path(config.model.cache_dir or DEFAULT_CACHE_DIR).expanduser() / "packed" / key
 
 
 async def _run_http(config: Config, engine, t0: float, after_ready, listener: socket.socket) -> int:

@@ -95,9 +95,9 @@ def _worker_environment():
     """Workers' large allocations (KV cache, packed weights) on transparent huge pages: a SIGKILLed
     worker's memory is then torn down in ~5 ms instead of ~80 ms per GB of 4 KiB pages (measured
     here), and only then does the kernel close its channel and report it dead. A page costs more at
-    first touch (500 MB: 0.58 s instead of 0.10 s on this VM): the packed weights pay it when a
-    stage is hosted, the KV cache as requests first fill it. glibc >= 2.35 honours the tunable;
-    others ignore it."""
+    first touch (500 MB: 0.58 s instead of 0.10 s on this VM), paid when a stage is hosted (the
+    shared packed weights, gpu/packed.py, are not the worker's to free). glibc >= 2.35 honours the
+    tunable; others ignore it."""
     old = os.environ.get("GLIBC_TUNABLES")
     os.environ["GLIBC_TUNABLES"] = f"{old}:{HUGE_PAGES_TUNABLE}" if old else HUGE_PAGES_TUNABLE
     try:
@@ -116,13 +116,16 @@ class LocalLauncher:
     """Workers as local processes, one per device."""
 
     def __init__(self, heartbeat_interval_s: float):
-        import torch.multiprocessing as tmp
+        # plain multiprocessing, not torch.multiprocessing: the daemon does not import torch to
+        # start the fork server, which imports it meanwhile (messages are pickled bytes, no tensors
+        # are shared through the channels)
+        import multiprocessing as mp
 
-        if "forkserver" in tmp.get_all_start_methods():
-            self._ctx = tmp.get_context("forkserver")
+        if "forkserver" in mp.get_all_start_methods():
+            self._ctx = mp.get_context("forkserver")
             self._ctx.set_forkserver_preload(["torch", "kevlard.gpu.worker"])
         else:
-            self._ctx = tmp.get_context("spawn")
+            self._ctx = mp.get_context("spawn")
         self.heartbeat_interval_s = heartbeat_interval_s
 
     def spawn(self, worker_id: int, device: str, num_threads: int) -> WorkerHandle:

@@ -44,7 +44,7 @@ async def test_a_peer_dying_before_it_joins_a_link_holds_up_no_other_link():
     cluster = Cluster(topo, LocalLauncher(0.1), "127.0.0.1", link_timeout_s=300.0, start_timeout_s=300.0,
                       threads_per_worker=1)
     try:
-        cluster.spawn_pipeline_workers()
+        await cluster.spawn_pipeline_workers()
         cluster.start_store()
         await cluster.wait_ready(0), await cluster.wait_ready(1), await cluster.wait_ready(2)
         # worker 0 starts a link to worker 2; worker 2 is killed before it takes its side

@@ -45,9 +45,13 @@ class Linear:
     MKL's sgemm on the row-major ones (16 rows x 40 weights of 3072x576, one thread: 16.8 vs
     42.2 ms), and a row's result is just as independent of the rows around it (tests/gpu)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    def __init__(self, weight: torch.Tensor | None, bias: torch.Tensor | None = None,
+                 packed: torch.Tensor | None = None):
+        """`packed`: the weight already packed (gpu/packed.py), then `weight` is not needed."""
         self.bias = bias
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous()) if _onednn_packs(weight) else None
+        if packed is None and _onednn_packs(weight):
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous())
+        self.packed = packed
         self.weight = None if self.packed is not None else weight
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -106,7 +110,10 @@ class StageModel:
     """Layers [first_layer, last_layer) of the model, plus the embedding and/or head at the ends."""
 
     def __init__(self, weights: dict[str, torch.Tensor], spec, first_layer: int, last_layer: int,
-                 is_first: bool, is_last: bool, kv: KVCache, device: torch.device | str = "cpu"):
+                 is_first: bool, is_last: bool, kv: KVCache, device: torch.device | str = "cpu",
+                 packed: dict[str, torch.Tensor] | None = None):
+        """`packed`: the linear layers already packed for oneDNN, by key (gpu/packed.stage_keys);
+        their plain weights are then absent from `weights`."""
         self.w = weights
         self.spec = spec
         self.layers = range(first_layer, last_layer)
@@ -118,21 +125,24 @@ class StageModel:
         self.inv_freq = torch.tensor(spec.rope_inv_freq, dtype=torch.float32, device=self.device)
         self.lm_head: Linear | None = None
         self.linears: dict[str, Linear] = {}
+        packed = packed or {}
+
+        def linear(key: str, names: list[str], bias_names: list[str]) -> Linear:
+            biases = [weights.get(n) for n in bias_names]
+            bias = fuse_rows(biases) if biases and all(b is not None for b in biases) else None
+            if key in packed:
+                return Linear(None, bias, packed=packed[key])
+            return Linear(fuse_rows([weights[n] for n in names]), bias)
+
         for layer in self.layers:
             p = f"model.layers.{layer}."
-            qkv = [p + f"self_attn.{x}_proj" for x in "qkv"]
-            biases = [weights.get(n + ".bias") for n in qkv]
-            self.linears[p + "qkv"] = Linear(fuse_rows([weights[n + ".weight"] for n in qkv]),
-                                             fuse_rows(biases) if all(b is not None for b in biases) else None)
-            self.linears[p + "o"] = Linear(weights[p + "self_attn.o_proj.weight"], weights.get(p + "self_attn.o_proj.bias"))
-            gate_up_bias = None
-            if p + "mlp.gate_proj.bias" in weights:
-                gate_up_bias = fuse_rows([weights[p + "mlp.gate_proj.bias"], weights[p + "mlp.up_proj.bias"]])
-            self.linears[p + "gate_up"] = Linear(fuse_rows([weights[p + "mlp.gate_proj.weight"],
-                                                            weights[p + "mlp.up_proj.weight"]]), gate_up_bias)
-            self.linears[p + "down"] = Linear(weights[p + "mlp.down_proj.weight"], weights.get(p + "mlp.down_proj.bias"))
+            for key, parts in (("qkv", [f"self_attn.{x}_proj" for x in "qkv"]), ("o", ["self_attn.o_proj"]),
+                               ("gate_up", ["mlp.gate_proj", "mlp.up_proj"]), ("down", ["mlp.down_proj"])):
+                self.linears[p + key] = linear(p + key, [p + n + ".weight" for n in parts],
+                                               [p + n + ".bias" for n in parts])
         if is_last:
-            self.lm_head = Linear(weights.get("lm_head.weight", weights.get("model.embed_tokens.weight")))
+            head = "lm_head.weight" if "lm_head.weight" in weights or "head" in packed else "model.embed_tokens.weight"
+            self.lm_head = linear("head", [head], [])
 
     # ---------------------------------------------------------------- pieces
 

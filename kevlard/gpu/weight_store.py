@@ -52,26 +52,45 @@ class StageHandle:
     path: str
     total_bytes: int  # the whole file; entry offsets are absolute
     entries: tuple[TensorEntry, ...]
+    # CPU: the stage's linear layers packed for oneDNN, in a second file (gpu/packed.py); their
+    # plain weights are then not in `entries`
+    packed_path: str = ""
+    packed_bytes: int = 0
+    packed: tuple = ()  # gpu.packed.PackedEntry
 
 
 class HostWeightStore:
     """Owns the shared-memory file; only the process that created it may close it."""
 
-    def __init__(self, path: Path, buffer: torch.Tensor, entries: dict[str, TensorEntry], source: ModelSource):
+    def __init__(self, path: Path, buffer: torch.Tensor, entries: dict[str, TensorEntry], source: ModelSource,
+                 packed_path: Path | None = None, packed: tuple = ()):
         self._path = path
         self._buffer: torch.Tensor | None = buffer  # [nbytes] uint8, MAP_SHARED over the file
         self._entries = entries
         self._source = source
+        self._packed_path = packed_path
+        self._packed = packed
 
     @classmethod
-    def create(cls, source: ModelSource, dtype: str, tag: str = "", shm_dir: str = SHM_DIR) -> "HostWeightStore":
-        """Read `source`'s safetensors tensor by tensor into a new shared-memory file."""
+    def create(cls, source: ModelSource, dtype: str, tag: str = "", shm_dir: str = SHM_DIR,
+               packed_cache: Path | None | bool = False, log=lambda msg: None) -> "HostWeightStore":
+        """Read `source`'s safetensors tensor by tensor into a new shared-memory file.
+
+        `packed_cache` (CPU, float32): a directory, or None for no cache, to keep the linear layers
+        packed for oneDNN in a second shared file (gpu/packed.py) instead of plain; False: all plain."""
         from safetensors import safe_open
 
         if dtype not in _DTYPES:
             raise ValueError(f"model.dtype: must be one of {', '.join(_DTYPES)}, got {dtype!r}")
         files = source.tensor_files()
         names = _store_order(files, source.spec.num_layers, source.spec.tie_word_embeddings)
+        units = []
+        if packed_cache is not False:
+            from kevlard.gpu import packed
+
+            units = packed.linear_units(files, source.spec.num_layers, source.spec.tie_word_embeddings)
+            in_packed = {n for _, parts in units for n in parts} - {"model.embed_tokens.weight"}
+            names = [n for n in names if n not in in_packed]
         entries, offset = {}, 0
         for name in names:
             with safe_open(str(files[name]), framework="pt") as handle:
@@ -104,10 +123,20 @@ class HostWeightStore:
                 with safe_open(str(file), framework="pt") as handle:
                     for name in file_names:
                         _view(buffer, entries[name]).copy_(handle.get_tensor(name))
+            packed_path, packed_entries = None, ()
+            if units:
+                packed_path = path.with_name(path.name.removesuffix("-weights") + "-packed")
+                try:
+                    packed_entries = packed.build(packed_path, files, source.spec.num_layers,
+                                                  source.spec.tie_word_embeddings, _DTYPES[dtype], packed_cache,
+                                                  sorted(set(files.values())), log)
+                except BaseException:
+                    packed_path.unlink(missing_ok=True)
+                    raise
         except BaseException:
             path.unlink(missing_ok=True)
             raise
-        return cls(path, buffer, entries, source)
+        return cls(path, buffer, entries, source, packed_path, packed_entries)
 
     def stage_handle(self, first_layer: int, last_layer: int, is_first: bool, is_last: bool) -> StageHandle:
         """Layers [first_layer, last_layer); the first stage adds the embeddings, the last the
@@ -125,7 +154,15 @@ class HostWeightStore:
             head = "model.embed_tokens.weight" if self._source.spec.tie_word_embeddings else "lm_head.weight"
             if head not in names:
                 names.append(head)
-        return StageHandle(str(self._path), self.nbytes, tuple(self._entries[name] for name in names))
+        names = [name for name in names if name in self._entries]  # a packed store keeps linears in its other file
+        packed = ()
+        if self._packed_path is not None:
+            from kevlard.gpu.packed import stage_keys
+
+            keys = set(stage_keys(first_layer, last_layer, is_last))
+            packed = tuple(e for e in self._packed if e.key in keys)
+        return StageHandle(str(self._path), self.nbytes, tuple(self._entries[name] for name in names),
+                           str(self._packed_path or ""), self.packed_bytes, packed)
 
     def tensor(self, name: str) -> torch.Tensor:
         """One stored tensor (a view of the shared file), for checks and the daemon's own use."""
@@ -142,13 +179,22 @@ class HostWeightStore:
         return self._buffer.numel() if self._buffer is not None else 0
 
     @property
+    def packed_bytes(self) -> int:
+        try:
+            return self._packed_path.stat().st_size if self._packed_path is not None else 0
+        except FileNotFoundError:
+            return 0
+
+    @property
     def entries(self) -> dict[str, TensorEntry]:
         return dict(self._entries)
 
     def close(self) -> None:
-        """Unmap and unlink the file; workers that mapped it keep their pages until they unmap."""
+        """Unmap and unlink the files; workers that mapped them keep their pages until they unmap."""
         self._buffer = None  # the mapping goes with the last tensor that views it
         self._path.unlink(missing_ok=True)
+        if self._packed_path is not None:
+            self._packed_path.unlink(missing_ok=True)
 
     def __enter__(self) -> "HostWeightStore":
         return self

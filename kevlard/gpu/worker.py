@@ -115,6 +115,12 @@ class Worker:
                                            msg.is_last, msg.dtype, str(self.device))
         else:
             weights = attach_stage(msg.handle, str(self.device))
+        packed = None
+        if msg.weights_dir is None and msg.handle.packed and self.device.type == "cpu":
+            from kevlard.gpu.packed import attach_packed, stage_keys
+
+            packed = attach_packed(msg.handle.packed_path, msg.handle.packed_bytes, msg.handle.packed,
+                                   stage_keys(msg.first_layer, msg.last_layer, msg.is_last))
         phases = {"attach_s": time.monotonic() - t0}
         spec = msg.spec
         dtype = attention_dtype(getattr(self.torch, msg.dtype))
@@ -131,8 +137,8 @@ class Worker:
             phases["kv_s"] = time.monotonic() - t
             t = time.monotonic()
             model = StageModel(weights, spec, msg.first_layer, msg.last_layer, msg.is_first, msg.is_last, kv,
-                               self.device)
-            phases["pack_s"] = time.monotonic() - t  # on CPU mostly the weights' oneDNN packing
+                               self.device, packed)
+            phases["pack_s"] = time.monotonic() - t  # on CPU, unless the store packed them, the weights' packing
             return kv, replica, model
 
         # On CPU, building the stage (packing the weights for oneDNN) takes a few tenths of a second
@@ -140,6 +146,8 @@ class Worker:
         # a lower priority so that serving goes first.
         old_replica = self.replica_kv
         kv, self.replica_kv, model = _at_low_priority(build) if self.device.type == "cpu" else build()
+        if self.replica_kv is not None:
+            self.replica_kv.allocate_in_background(HOSTING_NICE)
         if old_replica is not None:
             old_replica.close()  # its memory goes once its source, if any, stops mapping it
         if self.device.type == "cpu" and msg.weights_dir is None:

@@ -218,7 +218,9 @@ class Recovery:
         held = False
         try:
             t0 = time.monotonic()
-            await cluster.command(spare, self.stage_command(s, replica_pool=cluster.replication))
+            hosted = await cluster.command(spare, self.stage_command(s, replica_pool=cluster.replication))
+            phases = {"host_s": round(time.monotonic() - t0, 3),
+                      "worker_host_s": round(hosted.get("host_s", 0.0), 3) if isinstance(hosted, dict) else None}
             route = cluster.routes[p]
             links = []
             if s > 0 and cluster.workers[route[s - 1]].state == "healthy":
@@ -229,14 +231,20 @@ class Recovery:
             hand_back = cluster.pool(p, s) == "replica" and cluster.workers[current].state == "healthy"
             if hand_back:
                 links.append(cluster.open_link(current, spare, "xfer"))
-            # every link the switch needs is opened while the pipeline still serves
-            await asyncio.gather(*links)
-            switch_replicas = await self._rewire_replicas(p, s, spare, current)
+            # every link the switch needs is opened while the pipeline still serves, all at once
+            rewiring = asyncio.ensure_future(self._rewire_replicas(p, s, spare, current))
+            try:
+                await asyncio.gather(*links)
+            finally:
+                switch_replicas = await rewiring
+            t_links = time.monotonic()
+            phases["links_s"] = round(t_links - t0 - phases["host_s"], 3)
             # hand the KV back: hold the pipeline, let its in-flight steps land, copy, switch
             self._hold(p)
             held = True
             while sched.in_flight_on(p):
                 await asyncio.sleep(0.002)
+            phases["drain_s"] = round(time.monotonic() - t_links, 3)
             handed_back = False
             if hand_back and cluster.pool(p, s) == "replica" and cluster.workers[current].state == "healthy":
                 blocks = tuple(sched.block_ids_of(p))
@@ -269,7 +277,7 @@ class Recovery:
             self.counters["rehosts"] += 1
             self.events.emit("restore", spare, pipeline=p, stage=s, route=list(route),
                              rehost_s=round(time.monotonic() - t0, 4),
-                             since_failure_s=round(time.monotonic() - failed_at, 4))
+                             since_failure_s=round(time.monotonic() - failed_at, 4), **phases)
         except Exception as e:
             self.events.emit("rehost_failed", spare, level=logging.ERROR, pipeline=p, stage=s, error=str(e))
             cluster.fence(spare, "rehost_failed")
@@ -288,8 +296,9 @@ class Recovery:
             return lambda: None
         P = len(cluster.routes)
         nxt, prv = cluster.routes[(p + 1) % P][s], cluster.routes[(p - 1) % P][s]
+        opening = []
         if cluster.workers[nxt].state == "healthy" and nxt != spare:
-            await cluster.open_link(spare, nxt, "repl")
+            opening.append(cluster.open_link(spare, nxt, "repl"))
 
             def outgoing() -> None:
                 cluster.replica_holder[(p, s)] = nxt
@@ -300,7 +309,7 @@ class Recovery:
                     cluster.workers[spare].handle.send(m.Backfill(p, s, self.scheduler.backfill_spans(p)))
             changes.append(outgoing)
         if cluster.workers[prv].state == "healthy" and prv != spare and cluster.pool((p - 1) % P, s) == "primary":
-            await cluster.open_link(prv, spare, "repl")
+            opening.append(cluster.open_link(prv, spare, "repl"))
 
             def incoming() -> None:
                 q = (p - 1) % P
@@ -308,6 +317,7 @@ class Recovery:
                 self.scheduler.forget_replicas(q, s)  # nothing is there yet: the source backfills it
                 cluster.workers[prv].handle.send(m.Backfill(q, s, self.scheduler.backfill_spans(q)))
             changes.append(incoming)
+        await asyncio.gather(*opening)
         return lambda: [change() for change in changes]
 
     async def replace_spare(self, device: str) -> None:

@@ -15,6 +15,11 @@ from kevlard.scheduler.health import HealthMonitor
 
 log = logging.getLogger("kevlard.recovery")
 
+# A worker whose heartbeat is this many intervals old (0.3 s by default; judged hung at the timeout,
+# 1 s) gets no new requests while another pipeline has room: a request sent just after a hang
+# otherwise waits out the detection on the hung pipeline (the issue 3 benchmark's hang probe did).
+QUIET_AFTER_INTERVALS = 3
+
 
 class Recovery:
     def __init__(self, engine, stage_command, weights_dir: str):
@@ -57,6 +62,8 @@ class Recovery:
             beats = {wid: (w.state, w.last_heartbeat) for wid, w in self.cluster.workers.items()}
             expiry = self.monitor.next_expiry(beats)
             wake = now + interval if expiry is None or expiry <= now else min(now + interval, expiry + 0.001)
+            quiet = self.monitor.quiet_workers(now, beats, QUIET_AFTER_INTERVALS * interval)
+            self.scheduler.quiet = {p for p, route in enumerate(self.cluster.routes) if quiet.intersection(route)}
             for wid, kind in self.monitor.stale_workers(now, beats):
                 self.events.emit("failure", wid, level=logging.WARNING, reason=kind,
                                  heartbeat_age_s=round(now - beats[wid][1], 3))

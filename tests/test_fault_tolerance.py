@@ -310,6 +310,28 @@ def test_cpu_budget_per_pipeline_pins_each_pipeline_and_the_spare_that_joins_it(
         assert _affinity(pid) == {frozenset(expected[0])}
 
 
+def test_requests_sent_while_a_worker_hangs_undetected_go_to_the_other_pipeline(model_dir, reference, tmp_path):
+    """A worker that stopped heartbeating is judged only at the timeout (here a minute); meanwhile
+    new requests must not queue behind it on its pipeline while the other pipeline has room."""
+    args = daemon_args(model_dir, tmp_path)
+    conf = tmp_path / "kevlard.toml"
+    conf.write_text(conf.read_text().replace("heartbeat_timeout_s = 1.0", "heartbeat_timeout_s = 60.0"))
+    with running_daemon(args, tmp_path) as daemon:
+        snap = httpx.get(daemon.url + "/api/cluster").json()
+        inject(daemon.url, snap["pipelines"][0]["route"][1], "hang")
+        time.sleep(0.8)  # a few heartbeats missed, far from the timeout
+        out: dict = {}
+        threads = [threading.Thread(target=stream_one, args=(daemon.url, i, out), daemon=True)
+                   for i in range(N_REQUESTS)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 50  # the hung pipeline would hold its share for the 60 s timeout
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        assert_same(out, reference)
+        assert httpx.get(daemon.url + "/api/cluster").json()["recovery"]["failures"] == 0
+
+
 def _pause(pid: int, seconds: float) -> None:
     os.kill(pid, signal.SIGSTOP)
     time.sleep(seconds)

@@ -14,6 +14,12 @@ class HealthMonitor:
                 if state in ("healthy", "spare", "rehosting") and last > 0
                 and now - last > self.heartbeat_timeout_s]
 
+    @staticmethod
+    def quiet_workers(now: float, beats: dict[int, tuple[str, float]], after_s: float) -> set[int]:
+        """Healthy workers whose last heartbeat is older than `after_s` (a few intervals) but that
+        are not judged yet: perhaps hung. New requests go elsewhere meanwhile if they can."""
+        return {wid for wid, (state, last) in beats.items() if state == "healthy" and last > 0 and now - last > after_s}
+
     def next_expiry(self, beats: dict[int, tuple[str, float]]) -> float | None:
         """When the first live worker's heartbeat will be too old, if no new one comes."""
         times = [last + self.heartbeat_timeout_s for state, last in beats.values()

@@ -52,6 +52,9 @@ class Scheduler:
         # per pipeline, the stages whose replica holds every published block of the pipeline
         self._cache_replicated = [set(range(replicated_stages)) for _ in range(num_pipelines)]
         self.active = [True] * num_pipelines  # a pipeline without a complete route takes no requests
+        # pipelines with a worker that has missed a few heartbeats (perhaps hung, not judged yet):
+        # new requests go to the others while they have room
+        self.quiet: set[int] = set()
         self.requests: dict[int, Request] = {}
         self.waiting: deque[Request] = deque()
         self.running: list[list[Request]] = [[] for _ in range(num_pipelines)]
@@ -118,7 +121,8 @@ class Scheduler:
                        and self.blocks[p].can_admit(req, hits[p], req.num_tokens + 1)]
             if not choices:
                 return
-            p = min(choices, key=lambda q: (len(self.running[q]), -len(hits[q]), -self.blocks[q].num_free_blocks))
+            p = min(choices, key=lambda q: (q in self.quiet, len(self.running[q]), -len(hits[q]),
+                                            -self.blocks[q].num_free_blocks))
             self.waiting.popleft()
             self.blocks[p].attach(req, hits[p])
             self.blocks[p].allocate(req, req.num_tokens + 1)  # the whole prompt and the first output

@@ -21,3 +21,10 @@ def test_a_check_that_ran_more_than_an_interval_late_does_not_judge():
     assert HealthMonitor.blind(late_s=2.5, interval_s=0.1)  # the daemon did not run: heartbeats unread
     assert HealthMonitor.blind(late_s=0.11, interval_s=0.1)
     assert not HealthMonitor.blind(late_s=0.05, interval_s=0.1)  # ordinary scheduling jitter
+
+
+def test_a_healthy_worker_a_few_heartbeats_late_is_quiet_before_it_is_judged():
+    m = HealthMonitor(heartbeat_timeout_s=1.0, step_timeout_s=30.0)
+    beats = {0: ("healthy", 10.0), 1: ("healthy", 10.45), 2: ("dead", 1.0), 3: ("spare", 10.0)}
+    assert m.quiet_workers(10.5, beats, after_s=0.3) == {0}  # not the dead nor the idle spare
+    assert m.stale_workers(10.5, beats) == []

@@ -76,6 +76,20 @@ def test_requests_spread_over_pipelines_by_load():
     assert [len(r) for r in s.running] == [2, 2]
 
 
+def test_new_requests_avoid_a_quiet_pipeline_while_another_has_room():
+    s = make(num_pipelines=2, max_running=2)
+    s.add(req(0))
+    s.schedule(0)
+    assert [len(r) for r in s.running] == [1, 0]
+    s.quiet = {1}  # pipeline 1 has a worker that missed heartbeats: the less loaded one, all the same
+    s.add(req(1))
+    s.schedule(0)
+    assert [len(r) for r in s.running] == [2, 0]
+    s.add(req(2))  # pipeline 0 is full: the quiet one takes it rather than let it wait
+    s.schedule(0)
+    assert [len(r) for r in s.running] == [2, 1]
+
+
 def test_waiting_queue_bound():
     s = make(max_waiting=2)
     s.add(req(1))

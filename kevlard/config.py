@@ -64,7 +64,7 @@ class KVConfig:
     memory_mb: int = 256  # per worker, when num_blocks is 0
     replication: bool = True
     replica_fraction: float = 0.5
-    replication_interval_ms: int = 200  # at most this long between shipments to the buddy
+    replication_interval_ms: int = 1000  # at most this long between shipments to the buddy
     prefix_caching: bool = True
 
 

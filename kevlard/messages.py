@@ -28,7 +28,7 @@ class HostStage:
     dtype: str
     replica_blocks: int = 0  # a replica pool for the stage it is buddy for: the block ids below this
     weights_dir: str | None = None  # load from disk instead of the host store (recovery = "restart")
-    replication_interval_s: float = 0.2  # at most this long between shipments to the buddy
+    replication_interval_s: float = 1.0  # at most this long between shipments to the buddy
 
 
 @dataclass(frozen=True)

@@ -225,7 +225,13 @@ def _from_cache(cache_dir: Path, digest: str, path: Path) -> tuple[PackedEntry, 
 
 
 def _write_cache(cache_dir: Path, digest: str, path: Path, entries: tuple[PackedEntry, ...]) -> None:
+    from kevlard.model_source import pid_alive
+
     cache_dir.mkdir(parents=True, exist_ok=True)
+    for tmp in cache_dir.glob("*.tmp-*"):  # left by a daemon killed while it wrote the cache
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            tmp.unlink(missing_ok=True)
     tmp = cache_dir / f"linears.bin.tmp-{os.getpid()}"
     try:
         shutil.copyfile(path, tmp)

@@ -32,11 +32,12 @@ log = logging.getLogger("kevlard.replication")
 # At most this long between shipments (`kv.replication_interval_ms`), and sooner once a request has
 # a block's worth of tokens waiting: a failure recomputes at most about this much (or a block) of a
 # request's generation, and a saturated CPU does not pay a shipment per step.
-# Each shipment costs the sender and the receiver Python work and the GIL between two steps: on 2
-# cores at the serving-core load, shipping every 20 ms (about every step) cost ~10 % mean latency,
-# every 200 ms nothing measurable; on a saturated machine replication still costs a few percent
-# whatever the interval (docs/bench/ANALYSIS.md).
-SHIP_INTERVAL_S = 0.2
+# Each shipment costs the sender and the receiver Python work, thread wake-ups and the GIL between
+# two steps: on 2 cores at the serving-core load (8 requests/s), against replication off, shipping
+# every 200 ms cost 13-21 % p99 latency and 2-6 % throughput, every 1000 ms about 6 % and 0 %
+# (pairs of runs, docs/bench/ANALYSIS.md). A request with a full block waiting ships at once
+# anyway, so the interval only bounds the lag of the slow ones.
+SHIP_INTERVAL_S = 1.0
 
 
 class ReplicaSender:

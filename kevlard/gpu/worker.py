@@ -33,7 +33,7 @@ class Worker:
         self._opening: dict[tuple[str, int], str] = {}  # key -> name of the link being connected
         self.replica_sender = None
         self.replica_blocks = 0  # the size of every replica pool: only block ids below it are shipped
-        self.replication_interval_s = 0.2
+        self.replication_interval_s = 1.0
         self.replica_receivers: dict[int, object] = {}
         self.steps_done = 0
         self.hung = threading.Event()
@@ -134,6 +134,8 @@ class Worker:
             kv = cache(msg.num_blocks)
             # the replica pool in shared memory on CPU: the source worker writes into it directly
             replica = cache(msg.replica_blocks, shared=True) if msg.replica_blocks else None
+            if replica is not None:
+                replica.allocate_shared_pages()
             phases["kv_s"] = time.monotonic() - t
             t = time.monotonic()
             model = StageModel(weights, spec, msg.first_layer, msg.last_layer, msg.is_first, msg.is_last, kv,
@@ -146,8 +148,6 @@ class Worker:
         # a lower priority so that serving goes first.
         old_replica = self.replica_kv
         kv, self.replica_kv, model = _at_low_priority(build) if self.device.type == "cpu" else build()
-        if self.replica_kv is not None:
-            self.replica_kv.allocate_in_background(HOSTING_NICE)
         if old_replica is not None:
             old_replica.close()  # its memory goes once its source, if any, stops mapping it
         if self.device.type == "cpu" and msg.weights_dir is None:

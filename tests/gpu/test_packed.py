@@ -79,8 +79,11 @@ def test_the_cache_is_used_and_rebuilt_when_it_no_longer_matches(tmp_path):
         store.close()
         return said[-1], data
 
+    cache.mkdir()
+    (cache / "linears.bin.tmp-999999999").write_bytes(b"half a cache")  # a daemon killed mid-write
     first, data = build()
     assert "packed, cached" in first
+    assert not list(cache.glob("*.tmp-*"))
     again, same = build()
     assert "from the cache" in again and same == data
     # a cached layout oneDNN would not pick now (another CPU, another torch) is not used

@@ -22,11 +22,12 @@ WHY = {
                      "itself served again after {restored} s (new worker processes, weights read from the "
                      "safetensors cache: the row below); the emulated-reload section stretches the restart "
                      "to an 8B model's",
-    "replication": "on CPU a shipment is now one copy into the buddy's shared-memory pool plus a few small "
-                   "messages (it was gather, convert, loopback TCP, convert, scatter: 12.6 % p99 in the run "
-                   "before); what is left is the replication threads' wake-ups and Python per shipment, the acks, "
-                   "and the copy, on the two cores the steps need. A p99 over 40 requests is their slowest one "
-                   "or two: the pairs of one run spread over 12 points (docs/bench/ANALYSIS.md)",
+    "replication": "on CPU a shipment is one copy into the buddy's shared-memory pool plus a few small "
+                   "messages, but each one wakes threads and takes Python and the GIL in the sending and the "
+                   "holding worker, on the two cores the steps need: shipping every 200 ms cost 13-21 % p99 "
+                   "here, every 1000 ms (the default since 0b15ef9) about 6 %; what is left is the shipments "
+                   "that full blocks trigger. A p99 over 40 requests is their slowest one or two: single pairs "
+                   "spread over 10-20 points (docs/bench/ANALYSIS.md)",
     "window": "during the failover the buddy serves two pipelines' worth of its stage on shared cores",
     "emulated": "the surviving pipeline absorbs most of the load while the other one reloads: decoding is "
                 "memory-bound, so on its own core it batches more (one pipeline alone served 9.2 requests/s "

@@ -124,6 +124,8 @@ class KevlarEngine:
 
     def snapshot(self) -> dict:
         snap = self.cluster.snapshot()
+        for pl in snap["pipelines"]:  # a worker of it missed heartbeats: new requests go elsewhere
+            pl["quiet"] = pl["id"] in self.scheduler.quiet
         snap.update({
             "model": self.model_name,
             "num_running": self.scheduler.num_running(),

@@ -270,6 +270,7 @@
       row.dataset.state = p.state;
       const name = el("div", "route-name");
       name.append(el("b", "", `P${p.id}`), el("span", `pstate ${p.state}`, p.state));
+      if (p.quiet) name.append(el("span", "pstate quiet", "quiet: heartbeats late"));
       if (p.num_running != null) name.append(el("span", "pstate", `${p.num_running} running`));
       const route = el("div", "route");
       route.dataset.route = p.route.join(",");

@@ -324,8 +324,10 @@ def test_requests_sent_while_a_worker_hangs_undetected_go_to_the_other_pipeline(
     conf.write_text(conf.read_text().replace("heartbeat_timeout_s = 1.0", "heartbeat_timeout_s = 60.0"))
     with running_daemon(args, tmp_path) as daemon:
         snap = httpx.get(daemon.url + "/api/cluster").json()
+        assert not any(pl["quiet"] for pl in snap["pipelines"])
         inject(daemon.url, snap["pipelines"][0]["route"][1], "hang")
         time.sleep(0.8)  # a few heartbeats missed, far from the timeout
+        assert [pl["quiet"] for pl in httpx.get(daemon.url + "/api/cluster").json()["pipelines"]] == [True, False]
         out: dict = {}
         threads = [threading.Thread(target=stream_one, args=(daemon.url, i, out), daemon=True)
                    for i in range(N_REQUESTS)]

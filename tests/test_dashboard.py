@@ -122,3 +122,32 @@ def test_kill_from_the_dashboard_reroutes_and_the_stream_finishes(tmp_path):
             assert errors == [], f"errors in the page's console: {errors}"
         finally:
             browser.close()
+
+
+def test_a_pipeline_with_a_worker_whose_heartbeats_are_late_shows_as_quiet(tmp_path):
+    """A hung worker is judged only at the heartbeat timeout (here a minute); until then its
+    pipeline is marked quiet, so the operator sees why new requests go to the other one."""
+    from playwright.sync_api import expect, sync_playwright
+
+    model_dir = make_tiny_model(tmp_path, "llama", num_layers=4)
+    args = daemon_args(model_dir, tmp_path)
+    conf = tmp_path / "kevlard.toml"
+    conf.write_text(conf.read_text().replace("heartbeat_timeout_s = 1.0", "heartbeat_timeout_s = 60.0"))
+    with running_daemon(args, tmp_path) as daemon, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=60_000)
+        try:
+            page = browser.new_page(viewport={"width": 1440, "height": 1000})
+            page.set_default_timeout(30_000)
+            page.goto(f"{daemon.url}/?token={TOKEN}")
+            expect(page.locator(".card[data-worker]")).to_have_count(5)
+            quiet = page.locator(".route-row .pstate.quiet")
+            expect(quiet).to_have_count(0)
+            victim = route_of(page, 0)[1]
+            r = httpx.post(daemon.url + "/api/faults", json={"worker": victim, "kind": "hang"},
+                           headers={"Authorization": f"Bearer {TOKEN}"})
+            assert r.status_code == 202, r.text
+            expect(page.locator('.route-row[data-pipeline="0"] .pstate.quiet')).to_have_count(1)
+            expect(quiet).to_have_count(1)  # the other pipeline is not
+            expect(page.locator(f'.card[data-worker="{victim}"]')).not_to_have_attribute("data-state", "dead")
+        finally:
+            browser.close()

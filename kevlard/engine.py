@@ -166,6 +166,9 @@ class KevlarEngine:
         if kind == "kill":
             w.failure = "kill"
             w.handle.kill()
+        elif kind == "hang" and w.handle.signal_main_thread(m.HANG_SIGNAL):
+            if duration_s:
+                asyncio.get_running_loop().call_later(duration_s, w.handle.signal_main_thread, m.RELEASE_SIGNAL)
         else:
             w.handle.send(m.InjectFault(kind, duration_s))
         return {"pid": w.handle.pid, "state": w.state}

@@ -78,6 +78,20 @@ class WorkerHandle:
             except ProcessLookupError:
                 pass
 
+    def signal_main_thread(self, sig: int) -> bool:
+        """Deliver `sig` to the worker's main thread only (tgkill: that thread's id is the pid), so
+        that no other thread of it (Gloo's, torch's, replication) has a system call interrupted.
+        False if the worker is gone or this platform cannot."""
+        import ctypes
+        import platform
+
+        number = _TGKILL.get(platform.machine())
+        pid = self.process.pid
+        if number is None or pid is None or not self.process.is_alive():
+            return False
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.syscall(ctypes.c_long(number), ctypes.c_long(pid), ctypes.c_long(pid), ctypes.c_long(sig)) == 0
+
     def stop(self, timeout_s: float) -> None:
         """Ask the worker to exit, SIGKILL it if it has not within timeout_s, and close the channel."""
         self.send(m.Shutdown())
@@ -110,6 +124,7 @@ def _worker_environment():
 
 
 HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
+_TGKILL = {"x86_64": 234, "aarch64": 131}  # Linux's tgkill system call number
 
 
 class LocalLauncher:

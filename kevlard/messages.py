@@ -6,6 +6,7 @@ channel can be a pipe today and a socket (or a Ray actor call) tomorrow.
 from __future__ import annotations
 
 import pickle
+import signal
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,6 +91,10 @@ class MoveKV:
 
 # kill: SIGKILL from outside; the others are carried out inside the worker (gpu/worker.py)
 FAULT_KINDS = ("kill", "hang", "slow", "device_error", "step_error")
+# An injected hang starts at once, wherever the worker's main thread is (mid-step too), when the
+# daemon signals that thread (Linux); elsewhere it comes as an InjectFault after the queued steps.
+HANG_SIGNAL = signal.SIGUSR1
+RELEASE_SIGNAL = signal.SIGUSR2  # a hang with a duration ends with this one
 
 
 @dataclass(frozen=True)

@@ -340,6 +340,29 @@ def test_requests_sent_while_a_worker_hangs_undetected_go_to_the_other_pipeline(
         assert httpx.get(daemon.url + "/api/cluster").json()["recovery"]["failures"] == 0
 
 
+def test_a_hang_shorter_than_the_heartbeat_timeout_is_ridden_out(model_dir, reference, tmp_path):
+    """An injected hang stops the worker at once, mid-step too; one that ends before the timeout is
+    not a failure: the worker resumes its steps and every answer is the same."""
+    with running_daemon(daemon_args(model_dir, tmp_path), tmp_path) as daemon:
+        victim = httpx.get(daemon.url + "/api/cluster").json()["pipelines"][0]["route"][1]
+        seen_quiet = []
+
+        def hang_briefly() -> None:
+            inject(daemon.url, victim, "hang", duration_s=0.6)
+            deadline = time.monotonic() + 0.6
+            while time.monotonic() < deadline and not seen_quiet:
+                if httpx.get(daemon.url + "/api/cluster").json()["pipelines"][0]["quiet"]:
+                    seen_quiet.append(True)  # its heartbeats did stop
+                time.sleep(0.02)
+
+        got = run_load(daemon.url, hang_briefly)
+        assert seen_quiet
+        assert_same(got, reference)
+        snap = httpx.get(daemon.url + "/api/cluster").json()
+        assert snap["recovery"]["failures"] == 0, daemon.log()[-3000:]
+        assert next(w for w in snap["workers"] if w["id"] == victim)["state"] == "healthy"
+
+
 def _pause(pid: int, seconds: float) -> None:
     os.kill(pid, signal.SIGSTOP)
     time.sleep(seconds)

@@ -37,6 +37,7 @@ class Worker:
         self.replica_receivers: dict[int, object] = {}
         self.steps_done = 0
         self.hung = threading.Event()
+        self.released = False  # a signalled hang ends when this turns true (RELEASE_SIGNAL)
         self.slow_s = 0.0
         self.slow_until = 0.0
         self.step_error_until = 0.0
@@ -59,6 +60,10 @@ class Worker:
                 os._exit(0)  # the daemon is gone
 
     def run(self) -> None:
+        import signal
+
+        signal.signal(m.HANG_SIGNAL, self._hang_now)
+        signal.signal(m.RELEASE_SIGNAL, self._release_hang)
         threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True).start()
         self.send(m.WorkerReady(self.id, os.getpid(), str(self.device)))
         while True:
@@ -225,6 +230,18 @@ class Worker:
                 raise RuntimeError(f"worker {self.id} has no replica pool")
             return self.replica_kv
         return self._stage().kv
+
+    def _hang_now(self, signum, frame) -> None:
+        """An injected hang, signalled to this (main) thread: it stops wherever it is, mid-step too,
+        and the heartbeats stop, until the release signal (or the fence's SIGKILL)."""
+        self.released = False
+        self.hung.set()
+        while not self.released:
+            time.sleep(0.05)
+        self.hung.clear()
+
+    def _release_hang(self, signum, frame) -> None:
+        self.released = True
 
     def _inject(self, msg: m.InjectFault) -> None:
         if msg.kind == "hang":

@@ -166,7 +166,8 @@ class KevlarEngine:
         if kind == "kill":
             w.failure = "kill"
             w.handle.kill()
-        elif kind == "hang" and w.handle.signal_main_thread(m.HANG_SIGNAL):
+        elif kind == "hang" and w.state != "starting" and w.handle.signal_main_thread(m.HANG_SIGNAL):
+            # (a starting worker may not have its handler yet: it gets the message instead)
             if duration_s:
                 asyncio.get_running_loop().call_later(duration_s, w.handle.signal_main_thread, m.RELEASE_SIGNAL)
         else:

@@ -29,6 +29,8 @@ from typing import Callable
 
 import torch
 
+from kevlard.gpu.stage import LAYER_LINEARS
+
 FORMAT = "kevlard-packed-v1"
 PAGE = 4096
 
@@ -44,13 +46,8 @@ class PackedEntry:
 
 def linear_units(names, num_layers: int, tied: bool) -> list[tuple[str, list[str]]]:
     """Each linear layer a stage runs, as (key, the checkpoint weights fused into it, in order)."""
-    units = []
-    for i in range(num_layers):
-        p = f"model.layers.{i}."
-        units += [(p + "qkv", [p + f"self_attn.{x}_proj.weight" for x in "qkv"]),
-                  (p + "o", [p + "self_attn.o_proj.weight"]),
-                  (p + "gate_up", [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]),
-                  (p + "down", [p + "mlp.down_proj.weight"])]
+    units = [(f"model.layers.{i}.{key}", [f"model.layers.{i}.{part}.weight" for part in parts])
+             for i in range(num_layers) for key, parts in LAYER_LINEARS]
     units.append(("head", ["model.embed_tokens.weight" if tied else "lm_head.weight"]))
     missing = [n for _, parts in units for n in parts if n not in names]
     if missing:
@@ -59,7 +56,7 @@ def linear_units(names, num_layers: int, tied: bool) -> list[tuple[str, list[str
 
 
 def stage_keys(first_layer: int, last_layer: int, is_last: bool) -> list[str]:
-    keys = [f"model.layers.{i}.{k}" for i in range(first_layer, last_layer) for k in ("qkv", "o", "gate_up", "down")]
+    keys = [f"model.layers.{i}.{key}" for i in range(first_layer, last_layer) for key, _ in LAYER_LINEARS]
     return keys + (["head"] if is_last else [])
 
 

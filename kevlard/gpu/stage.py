@@ -15,6 +15,12 @@ import torch.nn.functional as F
 from kevlard.gpu.kv_cache import KVCache
 
 TILE = 16  # rows per tile for torch.mm (MKL on CPU, cuBLAS)
+# A decoder layer's linear units and the checkpoint projections fused (stacked by rows) into each:
+# the stage runs them, and gpu/packed.py packs them, under these keys
+LAYER_LINEARS = (("qkv", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                 ("o", ("self_attn.o_proj",)),
+                 ("gate_up", ("mlp.gate_proj", "mlp.up_proj")),
+                 ("down", ("mlp.down_proj",)))
 PACKED_TILE = 8  # rows per tile for oneDNN on packed weights (bitwise invariant at 8, tests/gpu)
 
 
@@ -136,8 +142,7 @@ class StageModel:
 
         for layer in self.layers:
             p = f"model.layers.{layer}."
-            for key, parts in (("qkv", [f"self_attn.{x}_proj" for x in "qkv"]), ("o", ["self_attn.o_proj"]),
-                               ("gate_up", ["mlp.gate_proj", "mlp.up_proj"]), ("down", ["mlp.down_proj"])):
+            for key, parts in LAYER_LINEARS:
                 self.linears[p + key] = linear(p + key, [p + n + ".weight" for n in parts],
                                                [p + n + ".bias" for n in parts])
         if is_last:

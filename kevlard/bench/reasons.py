@@ -13,11 +13,9 @@ COMMANDS = {
 WHY = {
     "kill_probe": "until the spare takes over (a few tenths of a second later) the buddy computes its stage "
                   "for both pipelines, and the probe queues behind the resumed requests' steps on two shared cores",
-    "hang_probe": "the probe, sent at the moment of the hang before any heartbeat is late, went to the hung "
-                  "pipeline and waited out the detection: the heartbeat timeout after the last heartbeat, and "
-                  "the injected hang begins only once the worker has run the steps already queued to it (up to "
-                  "about 0.1 s after the fault is posted); then its replay and the resumed requests' steps on "
-                  "two shared cores; a probe sent to the other pipeline answers in about 0.1 s",
+    "hang_probe": "the probe, sent at the moment of the hang, went to the hung pipeline and waited out the "
+                  "detection (the heartbeat timeout after the last heartbeat), then its replay and the resumed "
+                  "requests' steps on two shared cores; a probe sent to the other pipeline answers in about 0.1 s",
     "recovery_90": "the surviving workers share two cores with the spare that is hosting the stage",
     "restart_ratio": "in both modes the probe is served by the pipeline that did not fail, so its first token "
                      "measures that pipeline's queue, not the restart ({restart:.2f} s); the restarted pipeline "

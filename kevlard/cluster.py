@@ -184,6 +184,13 @@ class Cluster:
             raise WorkerStartError(f"worker {wid}: {type(msg).__name__} failed: {done.error}")
         return done.info
 
+    def stop_replicating(self, source: int, holder: int) -> None:
+        """The holder is gone: the source closes its link to it. On CPU it writes into the holder's
+        pool and sends nothing over that link, so nothing else would tell it to stop copying."""
+        w = self.workers.get(source)
+        if w is not None and w.state == "healthy":
+            w.handle.send(m.CloseLink(self.next_cmd_id(), holder, "repl-out"))
+
     def next_cmd_id(self) -> int:
         return next(self._cmd_ids)
 

@@ -294,8 +294,10 @@ class KevlarEngine:
             self._count_own_failure(wid, msg)
         elif isinstance(msg, m.ReplicaAck):
             p, s = msg.pipeline, msg.stage
-            if (self.cluster.routes[p][s] == msg.source and self.cluster.pool(p, s) == "primary"
-                    and self.cluster.replica_holder.get((p, s)) == wid):
+            # from the holder, or from the source that wrote into the holder's mapped pool; either
+            # way it counts only while that holder is still the one keeping this stage's replica
+            if (wid in (msg.source, msg.holder) and self.cluster.routes[p][s] == msg.source
+                    and self.cluster.pool(p, s) == "primary" and self.cluster.replica_holder.get((p, s)) == msg.holder):
                 self.scheduler.on_replica_ack(p, s, msg.upto)
         elif isinstance(msg, m.WorkerFailure):
             if self.recovery is not None:

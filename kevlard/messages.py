@@ -151,10 +151,12 @@ class StepDone:
 
 @dataclass(frozen=True)
 class ReplicaAck:
-    """The buddy stored replica KV: each request's stage-`stage` KV of pipeline `pipeline` is
-    complete on it up to token `upto`."""
+    """The buddy `holder` stores replica KV: each request's stage-`stage` KV of pipeline `pipeline`
+    is complete there over `upto`. Sent by the holder once the KV arrived over the link, or by the
+    source itself once it copied the KV into the holder's pool (mapped shared memory)."""
     worker_id: int
     source: int
+    holder: int
     pipeline: int
     stage: int
     upto: tuple[tuple[int, int, int], ...]  # (req_id, start, end): tokens [start, end) stored

@@ -97,6 +97,7 @@ class Recovery:
             if holder == wid:
                 self.cluster.replica_holder[(p, s)] = None
                 self.scheduler.forget_replicas(p, s)
+                self.cluster.stop_replicating(self.cluster.routes[p][s], wid)
         for p, route in enumerate(self.cluster.routes):
             for s, owner in enumerate(route):
                 if owner != wid or p in self._restarting:

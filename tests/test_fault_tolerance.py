@@ -177,6 +177,8 @@ def test_fault_is_survived_twice(model_dir, reference, tmp_path, kind, stage):
         if kind == "kill":
             log = daemon.log()
             assert "event reroute" in log and "event restore" in log
+            # the dead worker kept pipeline 1's replica: its source stopped copying into that pool
+            assert f"replication link down: link repl-{routes[1][stage]}-{routes[0][stage]}-" in log
 
 
 def test_after_a_restore_the_new_replica_holder_gets_the_kv_written_before_it_took_over(model_dir, tmp_path):

@@ -9,11 +9,13 @@ Wire format on a `repl` link: first the receiver's handshake [pid, fd, numel] (i
 map its replica pool when it lies in shared memory (CPU workers; fd -1 otherwise). Then per
 shipment: a header [num_slots, num_reqs, pipeline, stage, in_pool] (int64), a body [slots...,
 req_id, start, end, ...] (int64), then, unless in_pool, the KV of those slots [2, L, num_slots,
-kvh, hd]. With the pool mapped, the sender copies the KV straight into it before sending the
-header (in_pool = 1): one pass over the bytes instead of gather, convert, send, receive, convert,
-scatter, and no sockets. Shipments are FIFO either way, so a block that was freed and reused is
-always overwritten by its newer owner's data last, and a span is acked only after its data is in
-the pool.
+kvh, hd]. With the pool mapped (CPU workers), the sender copies the KV straight into it and
+acks the spans to the daemon itself, naming the holder; nothing more goes over the link (one
+pass over the bytes instead of gather, convert, send, receive, convert, scatter, and neither
+sockets nor the holder's thread). The daemon counts such an ack only while that holder still
+keeps the stage's replica. Shipments are FIFO either way, so a block that was freed and reused
+is always overwritten by its newer owner's data last, and a span is acked only after its data is
+in the pool.
 """
 from __future__ import annotations
 
@@ -32,20 +34,29 @@ log = logging.getLogger("kevlard.replication")
 # At most this long between shipments (`kv.replication_interval_ms`), and sooner once a request has
 # a block's worth of tokens waiting: a failure recomputes at most about this much (or a block) of a
 # request's generation, and a saturated CPU does not pay a shipment per step.
-# Each shipment costs the sender and the receiver Python work, thread wake-ups and the GIL between
-# two steps: on 2 cores at the serving-core load (8 requests/s), against replication off, shipping
-# every 200 ms cost 13-21 % p99 latency and 2-6 % throughput, every 1000 ms about 6 % and 0 %
-# (pairs of runs, docs/bench/ANALYSIS.md). A request with a full block waiting ships at once
-# anyway, so the interval only bounds the lag of the slow ones.
+# Each shipment costs the sender Python work, thread wake-ups and the GIL between two steps: on 2
+# cores at the serving-core load (8 requests/s), against replication off, shipping every 200 ms
+# cost 13-21 % p99 latency and 2-6 % throughput, every 1000 ms about 6 % and 0 % (pairs of runs,
+# docs/bench/ANALYSIS.md). A request with a full block waiting ships at once anyway, so the
+# interval only bounds the lag of the slow ones.
 SHIP_INTERVAL_S = 1.0
+# ... but never within this of the previous shipment: at that load nearly every step fills some
+# request's block, and a shipment per step cost about 4 % mean latency on top of the rest (pairs,
+# docs/bench/ANALYSIS.md); a failure then recomputes at most a block or half a second of a request.
+MIN_GAP_S = 0.5
 
 
 class ReplicaSender:
     """Owns the outgoing `repl` link; a thread drains queued steps and ships their KV."""
 
-    def __init__(self, link: Link, kv: KVCache, replica_blocks: int, interval_s: float = SHIP_INTERVAL_S):
+    def __init__(self, link: Link, kv: KVCache, replica_blocks: int, interval_s: float = SHIP_INTERVAL_S,
+                 ack: Callable[[int, int, tuple[tuple[int, int, int], ...]], None] | None = None):
+        """`ack(pipeline, stage, spans)`: with the buddy's pool mapped, the sender reports what it
+        stored itself, and nothing travels over the link after the handshake."""
         self.link = link
+        self.ack = ack
         self.interval_s = interval_s
+        self.min_gap_s = min(MIN_GAP_S, interval_s)
         self.kv = kv
         self.replica_blocks = replica_blocks
         # what the steps wrote since the last shipment; the step thread only appends to it (and
@@ -100,6 +111,9 @@ class ReplicaSender:
             wait = last_ship + self.interval_s - time.monotonic()
             if wait > 0:
                 self._wake.wait(wait)
+            gap = last_ship + self.min_gap_s - time.monotonic()
+            if gap > 0:
+                time.sleep(gap)  # what is written meanwhile joins this shipment
             with self._lock:
                 pending, self._pending, self._due = self._pending, [], {}
                 self._wake.clear()
@@ -161,15 +175,21 @@ class ReplicaSender:
         for req_id, a, b, _ in merged:
             first, end = spans.get(req_id, (a, b))
             spans[req_id] = (min(first, a), max(end, b))
-        body = torch.tensor(slots + [x for req, (a, b) in spans.items() for x in (req, a, b)], dtype=torch.long)
         remote = self._remote
-        header = torch.tensor([len(slots), len(spans), pipeline, stage, int(remote is not None)], dtype=torch.long)
         if remote is not None:
             # straight into the buddy's pool, a run of slots within a block at a time (a strided copy
             # per run is 2-3x faster than index_select + index_copy_ for decode-sized runs)
+            if self.ack is not None and self.link.closed:
+                raise LinkError(f"link {self.link.name} is closed")  # the buddy keeps no replica now
             data = self.kv.data
             for a, b in _runs(slots):
                 remote[:, :, a:b].copy_(data[:, :, a:b])
+            if self.ack is not None:  # the data is in the pool: say so, nothing goes over the link
+                self.ack(pipeline, stage, tuple((req, a, b) for req, (a, b) in spans.items()))
+                return
+        body = torch.tensor(slots + [x for req, (a, b) in spans.items() for x in (req, a, b)], dtype=torch.long)
+        header = torch.tensor([len(slots), len(spans), pipeline, stage, int(remote is not None)], dtype=torch.long)
+        if remote is not None:
             self.link.send(header)
             self.link.send(body)
             return

@@ -189,8 +189,13 @@ class Worker:
             if msg.purpose == "repl" and msg.rank == 0:
                 if self.replica_sender is not None:
                     self.replica_sender.close()
+                holder = msg.peer
+
+                def ack(pipeline: int, stage: int, upto: tuple[tuple[int, int, int], ...]) -> None:
+                    self._send_or_exit(m.ReplicaAck(self.id, self.id, holder, pipeline, stage, upto))
+
                 self.replica_sender = ReplicaSender(link, self._stage().kv, self.replica_blocks,
-                                                    self.replication_interval_s)
+                                                    self.replication_interval_s, ack)
             elif msg.purpose == "repl":
                 if self.replica_kv is None:
                     raise RuntimeError(f"worker {self.id} has no replica pool")
@@ -198,10 +203,13 @@ class Worker:
         return {}
 
     def _ack(self, source: int, pipeline: int, stage: int, upto: tuple[tuple[int, int, int], ...]) -> None:
+        self._send_or_exit(m.ReplicaAck(self.id, source, self.id, pipeline, stage, upto))
+
+    def _send_or_exit(self, msg: object) -> None:
         try:
-            self.send(m.ReplicaAck(self.id, source, pipeline, stage, upto))
+            self.send(msg)
         except (OSError, EOFError, BrokenPipeError):
-            os._exit(0)
+            os._exit(0)  # the daemon is gone
 
     def _close_link(self, msg: m.CloseLink) -> dict:
         with self._links_lock:
@@ -210,6 +218,9 @@ class Worker:
             link = self.links.pop((msg.purpose, msg.peer), None) or self.links.pop(("repl-out", msg.peer), None)
         if link is not None:
             link.close()
+            sender = self.replica_sender
+            if sender is not None and sender.link is link:
+                sender.close()  # it ships over no link while it writes into a mapped pool: told here
         return {}
 
     def _move_kv(self, msg: m.MoveKV) -> dict:

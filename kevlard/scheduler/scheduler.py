@@ -205,8 +205,7 @@ class Scheduler:
             req.step_id = None
             req.failed_steps = 0
             req.num_computed_tokens = c.start + c.num_tokens
-            if not self.replicated_stages:
-                self.blocks[req.pipeline].publish(req, req.num_computed_tokens)
+            self._publish(req)
             if not c.sample:
                 continue
             token = sampled[c.req_id]
@@ -258,9 +257,16 @@ class Scheduler:
             mark = req.replicated.get(stage, 0)
             if start <= mark:
                 req.replicated[stage] = max(mark, end)  # resume never goes past num_computed_tokens
-                if self.replicated_stages:
-                    held = min(req.replicated.get(s, 0) for s in range(self.replicated_stages))
-                    self.blocks[pipeline].publish(req, min(held, req.num_computed_tokens))
+                self._publish(req)
+
+    def _publish(self, req: Request) -> None:
+        """Share the request's full blocks whose KV is complete and, with replication, held by
+        every stage's buddy. Either may come first: a source ships (and acks) what a step wrote
+        before the step's result reaches the daemon."""
+        upto = req.num_computed_tokens
+        if self.replicated_stages:
+            upto = min(upto, min(req.replicated.get(s, 0) for s in range(self.replicated_stages)))
+        self.blocks[req.pipeline].publish(req, upto)
 
     def forget_replicas(self, pipeline: int, stage: int) -> None:
         """The replica of (pipeline, stage) is gone (its holder died, or it became the only copy).

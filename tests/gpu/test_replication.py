@@ -31,9 +31,10 @@ def replication(pair, request):
         src = KVCache(2, 8, 4, 1, 2, torch.float64)
         src.data.copy_(torch.randn(src.data.shape, dtype=torch.float32))  # float32 values, as a projection's
         dst = KVCache(2, 8, 4, 1, 2, torch.float64, shared=request.param)
-        acks = []
+        acks = []  # on CPU workers, the sender writes into the shared pool and acks itself
         receiver = ReplicaReceiver(into, dst, 7, lambda source, p, s, spans: acks.append(spans))
-        sender = ReplicaSender(out, src, replica_blocks=8, interval_s=interval_s)
+        sender = ReplicaSender(out, src, replica_blocks=8, interval_s=interval_s,
+                               ack=(lambda p, s, spans: acks.append(spans)) if request.param else None)
         made.append((sender, receiver))
         return sender, src, dst, acks
 
@@ -94,9 +95,10 @@ def test_a_block_worth_of_waiting_tokens_ships_before_the_interval_ends(replicat
     assert torch.equal(dst.gather(slots), src.gather(slots))
 
 
-def test_a_replica_pool_in_shared_memory_is_written_by_its_source_and_acked_after(pair):
-    """On CPU the source maps its buddy's pool and copies the KV in itself; the buddy only acks the
-    spans, so it never receives or scatters KV, and the replica still holds exactly what was written."""
+def test_a_replica_pool_in_shared_memory_is_written_and_acked_by_its_source(pair):
+    """On CPU the source maps its buddy's pool, copies the KV in itself and acks the spans itself
+    (the daemon checks that buddy still keeps the replica): the buddy never receives, scatters or
+    acks anything, and its pool still holds exactly what was written."""
     out, into = pair
     src = KVCache(2, 8, 4, 1, 2, torch.float64)
     src.data.copy_(torch.randn(src.data.shape, dtype=torch.float32))
@@ -106,18 +108,59 @@ def test_a_replica_pool_in_shared_memory_is_written_by_its_source_and_acked_afte
         raise AssertionError("the receiver scattered KV it should have found in its pool")
 
     dst.scatter = no_scatter
-    acks = []
-    receiver = ReplicaReceiver(into, dst, 7, lambda source, p, s, spans: acks.append(spans))
-    sender = ReplicaSender(out, src, replica_blocks=8, interval_s=0.05)
+    holder_acks, source_acks = [], []
+    receiver = ReplicaReceiver(into, dst, 7, lambda source, p, s, spans: holder_acks.append(spans))
+    sender = ReplicaSender(out, src, replica_blocks=8, interval_s=0.05,
+                           ack=lambda p, s, spans: source_acks.append((p, s, spans)))
     try:
         table = (6, 2, 3)
         step(sender, table, 0, 9)
-        assert acked(acks, 1, 10) and acks[0] == ((11, 0, 9),)
+        assert acked(source_acks, 1, 10) and source_acks[0] == (0, 1, ((11, 0, 9),))
         assert sender._remote is not None
         slots = src.slots(table, 0, 9)
         assert torch.equal(dst.data.index_select(2, slots), src.data.index_select(2, slots))
         assert not dst.data.index_select(2, src.slots(table, 9, 12)).any()
+        time.sleep(0.2)
+        assert holder_acks == []  # nothing came over the link after the handshake
     finally:
         sender.close()
         receiver.alive = False
         dst.close()
+
+
+def test_once_the_daemon_closes_the_link_a_sender_writing_into_a_shared_pool_stops(pair):
+    """It sends nothing over the link, so a closed link is what tells it this buddy no longer keeps
+    the replica: it acks nothing more."""
+    out, into = pair
+    src = KVCache(2, 8, 4, 1, 2, torch.float64)
+    dst = KVCache(2, 8, 4, 1, 2, torch.float64, shared=True)
+    acks = []
+    receiver = ReplicaReceiver(into, dst, 7, lambda *_: None)
+    sender = ReplicaSender(out, src, replica_blocks=8, interval_s=0.05, ack=lambda p, s, spans: acks.append(spans))
+    try:
+        step(sender, (1, 2), 0, 2)
+        assert acked(acks, 1, 10)
+        out.close()
+        step(sender, (1, 2), 2, 4)
+        assert not acked(acks, 2, 0.5)
+        assert not sender.alive
+    finally:
+        sender.close()
+        receiver.alive = False
+        dst.close()
+
+
+def test_blocks_filled_at_every_step_ship_together_at_most_every_half_second(replication):
+    """A request filling a block at every step (a fast model) does not cost a shipment per step:
+    after one shipment, the next waits out the minimum gap and takes everything written meanwhile."""
+    sender, src, dst, acks = replication(10.0)
+    table = tuple(range(8))
+    step(sender, table, 0, 4)
+    assert acked(acks, 1, 5)
+    for block in range(1, 8):  # a full block every 20 ms: each one wakes the sender
+        step(sender, table, 4 * block, 4)
+        time.sleep(0.02)
+    assert acked(acks, 2, 5)
+    time.sleep(0.5)
+    assert len(acks) <= 3, acks  # without the gap: one shipment per block, 8 in all
+    assert max(end for spans in acks for _, _, end in spans) == 32

@@ -93,6 +93,23 @@ def test_with_replication_blocks_are_shared_only_once_every_stage_holds_a_replic
     assert resumed[4] == ("replica", 1) and s.requests[4].num_computed_tokens == 8
 
 
+def test_replica_acks_that_come_before_the_steps_result_still_share_the_blocks():
+    """A source ships (and acks) what a step wrote as soon as it wrote it, before the step's result
+    reaches the daemon; a short request may end before any later ack: its prompt's blocks are
+    shared all the same, once the result is in."""
+    s = make(replicated_stages=2)
+    s.add(req(1, SYSTEM + [1], max_tokens=2))
+    plan = s.schedule(0)
+    s.on_replica_ack(0, 0, ((1, 0, 9),))
+    s.on_replica_ack(0, 1, ((1, 0, 9),))
+    s.update_from_output(plan.step_id, {1: 7})
+    step(s)  # its last token: it ends without another ack
+    assert s.num_running() == 0
+    s.add(req(2, SYSTEM + [2]))
+    plan, _ = step(s)
+    assert next(c for c in plan.chunks if c.req_id == 2).start == 8
+
+
 def test_a_failover_keeps_the_cache_but_claims_no_replica_where_there_is_none():
     s = make(replicated_stages=2)
     s.add(req(1, SYSTEM + [1], max_tokens=10))

@@ -40,9 +40,10 @@ log = logging.getLogger("kevlard.replication")
 # docs/bench/ANALYSIS.md). A request with a full block waiting ships at once anyway, so the
 # interval only bounds the lag of the slow ones.
 SHIP_INTERVAL_S = 1.0
-# ... but never within this of the previous shipment: at that load nearly every step fills some
-# request's block, and a shipment per step cost about 4 % mean latency on top of the rest (pairs,
-# docs/bench/ANALYSIS.md); a failure then recomputes at most a block or half a second of a request.
+# ... but never within this of the previous shipment, unless a step wrote a prompt's blocks: at
+# that load nearly every step fills some request's block, and a shipment per step cost about 4 %
+# mean latency on top of the rest (pairs, docs/bench/ANALYSIS.md); a failure then recomputes at
+# most a block or half a second of a request's generation.
 MIN_GAP_S = 0.5
 
 
@@ -67,6 +68,7 @@ class ReplicaSender:
         self._due: dict[int, int] = {}  # tokens waiting per request
         self._wake = threading.Event()
         self._idle = False  # the sender waits for any write, not for the interval
+        self._prompt = False  # a step wrote a block's worth of one request at once: no gap for it
         self._remote = None  # the buddy's replica pool, when mapped (shared memory, same host)
         self.alive = True
         self._thread = threading.Thread(target=self._run, name="replica-sender", daemon=True)
@@ -88,6 +90,8 @@ class ReplicaSender:
             due = self._due
             for req_id, _, n, _ in entries:
                 due[req_id] = waiting = due.get(req_id, 0) + n
+                if n >= self.kv.block_size:
+                    self._prompt = True  # (before the wake-up: the gap's wait checks it after one)
                 if waiting >= self.kv.block_size:
                     self._wake.set()
             if self._idle:
@@ -111,11 +115,18 @@ class ReplicaSender:
             wait = last_ship + self.interval_s - time.monotonic()
             if wait > 0:
                 self._wake.wait(wait)
-            gap = last_ship + self.min_gap_s - time.monotonic()
-            if gap > 0:
-                time.sleep(gap)  # what is written meanwhile joins this shipment
+            # never within the minimum gap of the last shipment (what is written meanwhile joins
+            # this one), except for a prompt's blocks: a failure would recompute the whole prompt,
+            # and a prefix is shared only once replicated
+            gap_ends = last_ship + self.min_gap_s
+            while not self._prompt and self.alive and time.monotonic() < gap_ends:
+                self._wake.clear()
+                if self._prompt:
+                    break
+                self._wake.wait(gap_ends - time.monotonic())
             with self._lock:
                 pending, self._pending, self._due = self._pending, [], {}
+                self._prompt = False
                 self._wake.clear()
             if not pending:
                 if not self.alive:

@@ -17,11 +17,12 @@ WHY = {
                   "detection (the heartbeat timeout after the last heartbeat), then its replay and the resumed "
                   "requests' steps on two shared cores; a probe sent to the other pipeline answers in about 0.1 s",
     "recovery_90": "the surviving workers share two cores with the spare that is hosting the stage",
-    "restart_ratio": "in both modes the probe is served by the pipeline that did not fail, so its first token "
-                     "measures that pipeline's queue, not the restart ({restart:.2f} s); the restarted pipeline "
-                     "itself served again after {restored} s (new worker processes, weights read from the "
-                     "safetensors cache: the row below); the emulated-reload section stretches the restart "
-                     "to an 8B model's",
+    "restart_ratio": "in restart mode the probe is served by the pipeline that did not fail, untouched "
+                     "({restart:.2f} s), while in kevlar mode both pipelines go through the buddy until the "
+                     "spare takes over, so the probe shares it with the resumed requests; the restarted "
+                     "pipeline itself served again after {restored} s (new worker processes, weights read "
+                     "from the safetensors cache: the row below); the emulated-reload section stretches the "
+                     "restart to an 8B model's",
     "replication": "on CPU a shipment is one copy into the buddy's shared-memory pool plus a few small "
                    "messages, but each one wakes threads and takes Python and the GIL in the sending and the "
                    "holding worker, on the two cores the steps need: shipping every 200 ms cost 13-21 % p99 "

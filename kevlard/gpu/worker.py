@@ -36,6 +36,7 @@ class Worker:
         self.replication_interval_s = 1.0
         self.replica_receivers: dict[int, object] = {}
         self.steps_done = 0
+        self._written = None  # (replica sender, pipeline, stage, chunks) of the step being run
         self.hung = threading.Event()
         self.released = False  # a signalled hang ends when this turns true (RELEASE_SIGNAL)
         self.slow_s = 0.0
@@ -274,6 +275,7 @@ class Worker:
         from kevlard.gpu.link import LinkError
 
         self._sent_downstream = False
+        self._written = None
         try:
             t0 = time.perf_counter()
             sampled = self._run_step(step)
@@ -281,6 +283,11 @@ class Worker:
                 time.sleep(self.slow_s)
             self.steps_done += 1
             self.send(m.StepDone(self.id, step.step_id, sampled, time.perf_counter() - t0))
+            if self._written is not None:
+                # only now: a shipment it wakes up runs while this worker waits for its next step,
+                # not against the step's own send downstream or sampling (one pipeline step's path)
+                sender, pipeline, stage, chunks = self._written
+                sender.enqueue(pipeline, stage, chunks)
         except LinkError as e:
             self._abort_downstream(step)
             self.send(m.StepFailed(self.id, step.step_id, str(e)))
@@ -331,7 +338,7 @@ class Worker:
             hidden = hidden.to(self.device)
         hidden = stage.forward(hidden, views, positions_t, kv)  # [T, H]
         if step.replicate and self.replica_sender is not None and step.pool == "primary":
-            self.replica_sender.enqueue(step.pipeline, self._stage_index(), chunks)
+            self._written = (self.replica_sender, step.pipeline, self._stage_index(), chunks)
         if step.send_to is not None:
             self._sent_downstream = True
             self.links[("act", step.send_to)].send_step(step.step_id, hidden.cpu())

@@ -23,12 +23,12 @@ WHY = {
                      "pipeline itself served again after {restored} s (new worker processes, weights read "
                      "from the safetensors cache: the row below); the emulated-reload section stretches the "
                      "restart to an 8B model's",
-    "replication": "on CPU a shipment is one copy into the buddy's shared-memory pool plus a few small "
-                   "messages, but each one wakes threads and takes Python and the GIL in the sending and the "
-                   "holding worker, on the two cores the steps need: shipping every 200 ms cost 13-21 % p99 "
-                   "here, every 1000 ms (the default since 0b15ef9) about 6 %; what is left is the shipments "
-                   "that full blocks trigger. A p99 over 40 requests is their slowest one or two: single pairs "
-                   "spread over 10-20 points (docs/bench/ANALYSIS.md)",
+    "replication": "on CPU the source copies a step's KV straight into the buddy's shared-memory pool and acks "
+                   "it itself, at most every 500 ms apart (a prompt's blocks at once), once the step's result is "
+                   "sent; but at this load the machine is saturated, so every thread that wakes on the two "
+                   "cores the steps need turns into queueing, and the prefix cache shares a block only once "
+                   "every stage's buddy holds it. A p99 over 40 requests is their slowest one or two: single "
+                   "pairs spread over 10 points; A/B rounds in docs/bench/ANALYSIS.md",
     "window": "during the failover the buddy serves two pipelines' worth of its stage on shared cores",
     "emulated": "the surviving pipeline absorbs most of the load while the other one reloads: decoding is "
                 "memory-bound, so on its own core it batches more (one pipeline alone served 9.2 requests/s "

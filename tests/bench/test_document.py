@@ -80,7 +80,7 @@ def test_a_missed_target_gives_its_reason_once(tmp_path):
     probe = next(line for line in text.splitlines() if line.startswith("| SIGKILL -> first token"))
     assert "**missed**" in probe and "buddy computes its stage" in probe
     ratio = next(line for line in text.splitlines() if line.startswith("| restart / kevlar, SIGKILL"))
-    assert "1.2x | **missed**" in ratio and "not the restart (0.60 s)" in ratio and "served again after 2.00 s" in ratio
+    assert "1.2x | **missed**" in ratio and "untouched (0.60 s)" in ratio and "served again after 2.00 s" in ratio
     # the restarted pipeline's own recovery, as KevlarFlow counts it, is reported beside it (no target of its own)
     back = next(line for line in text.splitlines() if line.startswith("| restart / kevlar, SIGKILL -> failed pipeline"))
     assert "2.000 / 0.0050 s = 400x | n/a |" in back

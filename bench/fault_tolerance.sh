@@ -29,9 +29,10 @@ run kevlar-kill 'recovery = "kevlar"' "${LOAD[@]}" --fault kill@8s "${REF[@]}"
 run restart-kill 'recovery = "restart"' "${LOAD[@]}" --fault kill@8s "${REF[@]}"
 run kevlar-hang 'recovery = "kevlar"' "${LOAD[@]}" --fault hang@8s "${REF[@]}"
 # replication's overhead is a few percent at most, less than one run's noise here: PAIRS alternating
-# pairs (default 5), and the report takes the median of the pairs' overheads
+# pairs (default 5) of REPL_REQS requests (default 80); the report takes the p99 of all the pairs'
+# requests pooled per side (one run's p99 is its slowest request or two) and lists each pair's
 rm -f "$OUT"/replication-on-*.json "$OUT"/replication-off-*.json "$OUT"/replication-o*-*.log "$OUT"/replication-o*-*.toml
 for i in $(seq 1 "${PAIRS:-5}"); do
-    run "replication-on-$i" '[kv]\nreplication = true' --rate 8 --requests 40 --output-tokens 32
-    run "replication-off-$i" '[kv]\nreplication = false' --rate 8 --requests 40 --output-tokens 32
+    run "replication-on-$i" '[kv]\nreplication = true' --rate 8 --requests "${REPL_REQS:-80}" --output-tokens 32
+    run "replication-off-$i" '[kv]\nreplication = false' --rate 8 --requests "${REPL_REQS:-80}" --output-tokens 32
 done

@@ -27,8 +27,8 @@ WHY = {
                    "it itself, at most every 500 ms apart (a prompt's blocks at once), once the step's result is "
                    "sent; but at this load the machine is saturated, so every thread that wakes on the two "
                    "cores the steps need turns into queueing, and the prefix cache shares a block only once "
-                   "every stage's buddy holds it. A p99 over 40 requests is their slowest one or two: single "
-                   "pairs spread over 10 points; A/B rounds in docs/bench/ANALYSIS.md",
+                   "every stage's buddy holds it. One run's p99 is its slowest request or two: single pairs "
+                   "spread over 10 points; A/B rounds in docs/bench/ANALYSIS.md",
     "window": "during the failover the buddy serves two pipelines' worth of its stage on shared cores",
     "emulated": "the surviving pipeline absorbs most of the load while the other one reloads: decoding is "
                 "memory-bound, so on its own core it batches more (one pipeline alone served 9.2 requests/s "

@@ -89,7 +89,8 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--fault-stage", type=int, metavar="S",
                        help="a fault without worker= hits stage S of pipeline 0 (default: the middle one)")
     bench.add_argument("--admin-token", metavar="T",
-                       help="admin token for /api/faults (default: ~/.local/state/kevlard/admin_token)")
+                       help="admin token for /api/faults (default: the one the daemon wrote to "
+                            "~/.local/state/kevlard/admin_token.PORT)")
     bench.add_argument("--window-s", type=float, default=5.0, metavar="X",
                        help="failure window: requests in flight at a fault or sent X s after it (default 5)")
     bench.add_argument("--warmup", type=int, default=0, metavar="N",
@@ -101,7 +102,8 @@ def _build_parser() -> argparse.ArgumentParser:
     fault.add_argument("--worker", required=True, metavar="ID", help="worker id (see `kevlard status`)")
     fault.add_argument("--kind", required=True, help="fault kind, e.g. kill")
     fault.add_argument("--duration-s", type=float, metavar="X", help="how long the fault lasts, where it applies")
-    fault.add_argument("--token", default="", help="admin token (server.admin_token, or the one the daemon printed)")
+    fault.add_argument("--token", default="", help="admin token (server.admin_token; default: the one the daemon at --url "
+                            "wrote to ~/.local/state/kevlard/admin_token.PORT)")
     fault.set_defaults(command="fault", run=_fault)
 
     status = sub.add_parser("status", help="show the workers and pipelines of a running daemon")
@@ -293,7 +295,7 @@ def _fault(args: argparse.Namespace) -> int:
         from kevlard.bench.faults import read_admin_token
 
         try:
-            token = read_admin_token()
+            token = read_admin_token(args.url)
         except BenchError:
             token = ""
     headers = {"Authorization": f"Bearer {token}"} if token else {}

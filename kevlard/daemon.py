@@ -216,11 +216,11 @@ async def _run_http(config: Config, engine, t0: float, after_ready, listener: so
     import uvicorn
 
     from kevlard import metrics, systemd
-    from kevlard.admin_token import resolve_admin_token
+    from kevlard.admin_token import remove_token_file, resolve_admin_token
     from kevlard.web.app import close_streams, create_app
     from kevlard.web.ops_api import metrics_route
 
-    admin_token, token_file = resolve_admin_token(config.server.admin_token)
+    admin_token, token_file = resolve_admin_token(config.server.admin_token, listener.getsockname()[1])
     counting = metrics.attach(engine)
     app = create_app(engine, config, admin_token=admin_token, extra_routes=[metrics_route(engine.metrics)])
     notifier = systemd.Notifier()
@@ -267,6 +267,7 @@ async def _run_http(config: Config, engine, t0: float, after_ready, listener: so
     await task
     for watch in watches:
         watch.cancel()
+    remove_token_file(token_file, admin_token)
     await engine.drain(0.0)
     notifier.close()
     return exit_code

@@ -110,13 +110,16 @@ def parse_fault_spec(text: str) -> FaultSpec:
         raise ValueError(f"bad fault {text!r}: pidfile goes with kill alone (a SIGKILL of that process)")
     return FaultSpec(kind, at_s, worker, duration_s, pidfile)
 
-def read_admin_token(path: str | Path | None = None) -> str:
-    """The daemon's generated admin token from its owner-only file (default
-    ~/.local/state/kevlard/admin_token); BenchError when there is none."""
+def read_admin_token(url: str, path: str | Path | None = None) -> str:
+    """The generated admin token of the daemon at `url`, from its owner-only file (default
+    ~/.local/state/kevlard/admin_token.<port of url>); BenchError when there is none."""
     if path is None:
-        from kevlard.admin_token import TOKEN_FILE_NAME, default_state_dir
+        from kevlard.admin_token import token_file_for_url
 
-        path = default_state_dir() / TOKEN_FILE_NAME
+        try:
+            path = token_file_for_url(url)
+        except ValueError as e:
+            raise BenchError(str(e)) from None
     try:
         token = Path(path).read_text(encoding="ascii").strip()
     except (OSError, UnicodeDecodeError) as e:

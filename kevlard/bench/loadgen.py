@@ -133,7 +133,7 @@ async def run_load(url: str, rate: float, requests: int, output_tokens: int, see
         raise ValueError(f"failure window must be > 0 s, got {window_s}")
     base = url.rstrip("/")
     if any(spec.pidfile is None for spec in faults) and not admin_token:
-        admin_token = read_admin_token()  # a pidfile kill needs no admin token
+        admin_token = read_admin_token(url)  # a pidfile kill needs no admin token
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     # One connection per request at most, so that nothing queues on the client side; no proxies
     # from the environment, so that the numbers are the server's.

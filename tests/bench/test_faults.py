@@ -256,11 +256,13 @@ def test_cli_bench_with_a_fault_reads_the_token_file(tmp_path, monkeypatch, caps
     monkeypatch.setenv("HOME", str(tmp_path))
     state = tmp_path / ".local" / "state" / "kevlard"
     state.mkdir(parents=True)
-    (state / "admin_token").write_text(TOKEN + "\n")
     log: list = []
     app, _ = fake_daemon(log)
     out = tmp_path / "run.json"
     with live_server(app) as url:
+        port = int(url.rsplit(":", 1)[1].strip("/"))
+        (state / f"admin_token.{port}").write_text(TOKEN + "\n")  # the one of the daemon at --url
+        (state / f"admin_token.{port + 1}").write_text("another daemon's\n")
         code = main(["bench", "--url", url, "--rate", "50", "--requests", "20", "--output-tokens", "3",
                      "--fault", "device_error@200ms", "--fault-stage", "0", "--warmup", "2",
                      "--json", str(out), "--label", "f", "--timeout-s", str(DEADLINE_S)])

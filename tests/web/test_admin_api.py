@@ -14,7 +14,7 @@ import pytest
 import uvicorn
 from starlette.applications import Starlette
 
-from kevlard.admin_token import resolve_admin_token
+from kevlard.admin_token import remove_token_file, resolve_admin_token, token_file_for_url
 from kevlard.config import Config
 from kevlard.web.app import close_streams, create_app
 from tests.live_server import serve_in_thread
@@ -277,32 +277,46 @@ def test_event_stream_opened_after_close_ends_at_once(engine, server):
 
 def test_generated_token_is_written_for_the_owner_only(tmp_path):
     state_dir = tmp_path / "state" / "kevlard"
-    token, path = resolve_admin_token("", state_dir)
-    assert path == state_dir / "admin_token"
+    token, path = resolve_admin_token("", 8000, state_dir)
+    assert path == state_dir / "admin_token.8000"
     assert len(token) >= 40 and token.replace("-", "").replace("_", "").isalnum()
     assert path.read_text() == token
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert stat.S_IMODE(state_dir.stat().st_mode) == 0o700
-    again, same_path = resolve_admin_token("", state_dir)
+    again, same_path = resolve_admin_token("", 8000, state_dir)
     assert same_path == path and again != token and path.read_text() == again
 
 
+def test_daemons_on_other_ports_keep_their_own_token_files(tmp_path):
+    """Two daemons on one host: each client finds the token of the daemon its URL names, and a
+    daemon that exits takes its file along, not another daemon's."""
+    a, path_a = resolve_admin_token("", 8000, tmp_path)
+    b, path_b = resolve_admin_token("", 8001, tmp_path)
+    assert path_a != path_b and path_a.read_text() == a and path_b.read_text() == b
+    assert token_file_for_url("http://127.0.0.1:8001/", tmp_path) == path_b
+    assert token_file_for_url("http://localhost", tmp_path).name == "admin_token.80"
+    remove_token_file(path_b, a)  # not its token: left alone
+    assert path_b.read_text() == b
+    remove_token_file(path_b, b)
+    assert not path_b.exists() and path_a.read_text() == a
+
+
 def test_generated_token_tightens_a_loose_old_file(tmp_path):
-    old = tmp_path / "admin_token"
+    old = tmp_path / "admin_token.8000"
     old.write_text("an old, longer token that must be replaced entirely")
     old.chmod(0o644)
-    token, path = resolve_admin_token("", tmp_path)
+    token, path = resolve_admin_token("", 8000, tmp_path)
     assert path == old and path.read_text() == token
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
 
 def test_configured_token_is_used_as_is(tmp_path):
-    assert resolve_admin_token("my-token", tmp_path / "state") == ("my-token", None)
+    assert resolve_admin_token("my-token", 8000, tmp_path / "state") == ("my-token", None)
     assert not (tmp_path / "state").exists()
 
 
 def test_generated_token_opens_the_admin_api(tmp_path, engine):
-    token, _ = resolve_admin_token("", tmp_path)
+    token, _ = resolve_admin_token("", 8000, tmp_path)
     with live_server(engine, admin_token=token) as (url, _):
         r = httpx.post(f"{url}/api/faults", json={"worker": 0, "kind": "kill"}, headers=auth(token))
     assert r.status_code == 202

@@ -180,6 +180,12 @@ class Recovery:
             sched.deactivate(p)  # its requests replay elsewhere; the restore that follows brings it back
             self.engine.pump_all()
             return
+        if cluster.workers[buddy].state != "healthy" or route[s] != buddy:
+            # the buddy failed while its links opened: its own death handling took the pipeline
+            # over (it found the route through the buddy and no replica left), nothing to resume
+            self.events.emit("reroute_failed", buddy, level=logging.ERROR, pipeline=p, stage=s,
+                             error=f"worker {buddy} failed during the reroute")
+            return
         # the buddy's replica pool holds the block ids below its size: the pipeline stays below it
         sched.limit_blocks(p, self.engine.replica_blocks)
         resumed = sched.resume_after_failover(p, s)

@@ -31,6 +31,11 @@ class TokenDelta:
     num_cached_tokens: int | None = None  # on the first delta: prompt tokens served from the prefix cache
 
 
+class StopRequested(Exception):
+    """Thrown into an engine iterator by the web layer when the text reached a stop string: the
+    request ends there as finished ("stop"), not as aborted."""
+
+
 class EngineError(Exception):
     status = 500
     type = "server_error"
@@ -65,6 +70,11 @@ class RequestFailedError(EngineError):
     type = "service_unavailable"
     code = "request_failed"
     retry_after = 1.0
+
+
+class SamplingError(EngineError):
+    """Sampling the request's next token raised on the worker; the other requests went on."""
+    code = "sampling_failed"
 
 
 class ShuttingDownError(EngineError):

@@ -14,35 +14,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
 import socket
-import sys
 import time
 
 from kevlard.config import Config, ConfigError, check_exposure
+from kevlard.logs import setup_logging
 
 log = logging.getLogger("kevlard")
-
-
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        return json.dumps({"time": round(record.created, 3), "level": record.levelname.lower(),
-                           "logger": record.name, "message": record.getMessage()})
-
-
-def setup_logging(log_format: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if log_format == "json":
-        handler.setFormatter(_JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger("kevlard")
-    root.handlers[:] = [handler]
-    root.setLevel(logging.INFO)
-    root.propagate = False
 
 
 def serve(config: Config) -> int:
@@ -114,7 +95,7 @@ async def _serve(config: Config) -> int:
     # the workers import torch while the daemon loads the model
     threads = config.cluster.threads_per_worker or max(1, (os.cpu_count() or 1) // (topo.pipelines * topo.stages))
     replication = config.kv.replication and config.recovery == "kevlar" and topo.pipelines > 1
-    cluster = Cluster(topo, LocalLauncher(config.health.heartbeat_interval_s), "127.0.0.1",
+    cluster = Cluster(topo, LocalLauncher(config.health.heartbeat_interval_s, config.log_format), "127.0.0.1",
                       config.cluster.link_timeout_s, config.cluster.worker_start_timeout_s, threads, replication)
     if config.cluster.cpu_budget == "pipeline" and topo.kind == "cpu":
         cluster.cpu_sets = pipeline_cpu_sets(topo.pipelines, sorted(os.sched_getaffinity(0)))

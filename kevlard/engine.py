@@ -11,8 +11,8 @@ import time
 from typing import AsyncIterator
 
 from kevlard import messages as m
-from kevlard.api_types import (EngineDeadError, NoRouteError, QueueFullError, RequestFailedError,
-                               SamplingParams, ShuttingDownError, TokenDelta)
+from kevlard.api_types import (EngineDeadError, NoRouteError, QueueFullError, RequestFailedError, SamplingError,
+                               SamplingParams, ShuttingDownError, StopRequested, TokenDelta)
 from kevlard.cluster import Cluster
 from kevlard.events import EventLog
 from kevlard.scheduler.request import Request
@@ -102,7 +102,12 @@ class KevlarEngine:
                 finished = delta.finish_reason is not None
                 if tracked is not None:
                     tracked.tokens(len(delta.token_ids), delta.finish_reason, delta.num_cached_tokens)
-                yield delta
+                try:
+                    yield delta
+                except StopRequested:  # a stop string: finished, though the scheduler still ends it below
+                    if tracked is not None:
+                        tracked.tokens(0, "stop")
+                    return
                 if finished:
                     return
         finally:
@@ -285,7 +290,12 @@ class KevlarEngine:
                 if u.finish_reason is not None:
                     self.stats["requests_finished"] += 1
                 q = self._streams.get(u.req_id)
-                if q is not None:
+                if u.finish_reason == "error":
+                    self.events.emit("request_failed", None, level=logging.ERROR, request=u.req_id, reason="sampling")
+                    if q is not None:
+                        q.put_nowait(SamplingError("sampling the next token failed for this request "
+                                                   "(the worker's log says why)"))
+                elif q is not None:
                     q.put_nowait(TokenDelta(list(u.new_token_ids), u.finish_reason, u.num_cached_tokens))
             self._pump(plan.pipeline)
         elif isinstance(msg, m.StepFailed):

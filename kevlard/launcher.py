@@ -130,7 +130,7 @@ _TGKILL = {"x86_64": 234, "aarch64": 131}  # Linux's tgkill system call number
 class LocalLauncher:
     """Workers as local processes, one per device."""
 
-    def __init__(self, heartbeat_interval_s: float):
+    def __init__(self, heartbeat_interval_s: float, log_format: str = "text"):
         # plain multiprocessing, not torch.multiprocessing: the daemon does not import torch to
         # start the fork server, which imports it meanwhile (messages are pickled bytes, no tensors
         # are shared through the channels)
@@ -142,13 +142,14 @@ class LocalLauncher:
         else:
             self._ctx = mp.get_context("spawn")
         self.heartbeat_interval_s = heartbeat_interval_s
+        self.log_format = log_format
 
     def spawn(self, worker_id: int, device: str, num_threads: int) -> WorkerHandle:
         from kevlard.gpu.worker import worker_main
 
         parent, child = self._ctx.Pipe(duplex=True)
         proc = self._ctx.Process(target=worker_main, name=f"kevlard-worker-{worker_id}",
-                                 args=(worker_id, device, child, num_threads, self.heartbeat_interval_s),
+                                 args=(worker_id, device, child, num_threads, self.heartbeat_interval_s, self.log_format),
                                  daemon=True)
         with _worker_environment():  # read when the fork server (or a spawned worker) starts
             proc.start()

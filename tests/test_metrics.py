@@ -117,6 +117,29 @@ def test_metrics_count_what_was_served_and_what_failed(model_dir, tmp_path):
         assert m.value("vllm:kv_cache_usage_perc") == 0.0
         assert m.value("kevlard_failures_total") == 0 and m.value("kevlard_reroutes_total") == 0
 
+        # a stop string ends a request as finished ("stop"), not aborted; a temperature of 1e-300
+        # (valid; it used to turn the probabilities into NaN and fence every worker it ran on) samples
+        # the greedy answer, and nothing fails
+        with daemon.client() as c:
+            body = {"prompt": "stop here", "max_tokens": 8, "ignore_eos": True}
+            first = c.post("/v1/completions", json={**body, "temperature": 0}).json()
+            greedy = first["choices"][0]["text"]
+            tiny = c.post("/v1/completions", json={**body, "temperature": 1e-300})
+            assert tiny.status_code == 200 and tiny.json()["choices"][0]["text"] == greedy
+            stop = next(greedy[i:i + 2] for i in range(1, len(greedy) - 1) if greedy[i:i + 2].strip())
+            last = c.post("/v1/completions", json={**body, "temperature": 0, "stop": stop}).json()
+            stopped = last["choices"][0]
+            assert stopped["finish_reason"] == "stop" and stopped["text"] == greedy[:greedy.index(stop)]
+            served = sum(r["usage"]["completion_tokens"] for r in (first, tiny.json(), last))
+        m = scrape(url)
+        assert m.value("vllm:request_success_total", finished_reason="stop") == 1
+        assert m.value("vllm:request_success_total", finished_reason="abort") == 0
+        assert m.value("vllm:request_success_total", finished_reason="length") == 3 + 2
+        assert m.value("kevlard_failures_total") == 0
+        # tokens sampled past the stop string in the same step count as generated, not as served
+        assert generated + served <= m.value("vllm:generation_tokens_total") <= generated + 3 * 8
+        generated = m.value("vllm:generation_tokens_total")
+
         # a worker of pipeline 0 is killed under load: the failure, the reroute through the buddy,
         # the rehost on the spare and the resumed requests are counted as the engine counts them
         victim = snap["pipelines"][0]["route"][1]
@@ -148,7 +171,7 @@ def test_metrics_count_what_was_served_and_what_failed(model_dir, tmp_path):
         # no token lost or counted twice across the failover
         generated += sum(out[i]["tokens"] for i in range(4))
         assert m.value("vllm:generation_tokens_total") == generated
-        assert m.value("vllm:request_success_total", finished_reason="length") == 3 + 4
+        assert m.value("vllm:request_success_total", finished_reason="length") == 3 + 2 + 4
         assert m.value("kevlard_worker_up", worker=str(victim)) == 0
         live = [w for w in snap["workers"] if w["state"] in ("healthy", "spare")]
         assert sum(s.value for s in m.families["kevlard_worker_up"].samples) == len(live)

@@ -9,6 +9,8 @@ import torch
 
 _MIX = 0x9E3779B97F4A7C15
 _MASK = (1 << 63) - 1
+# in StepDone, the token of a request whose sampling raised: that request fails alone, not the step
+SAMPLING_FAILED = -1
 
 
 def draw_seed(seed: int, output_index: int) -> int:
@@ -17,10 +19,19 @@ def draw_seed(seed: int, output_index: int) -> int:
 
 def sample_row(logits: torch.Tensor, temperature: float, top_p: float, top_k: int, seed: int,
                output_index: int) -> int:
-    """logits: [V] float32 -> one token id."""
+    """logits: [V] float32 -> one token id.
+
+    In float64 and shifted so that the largest logit is 0 before dividing by the temperature:
+    however small the temperature (1e-300 is a valid one), every logit then ends in [-inf, 0],
+    the best one at exactly 0, and the softmax never sees inf - inf. Logits that are NaN never
+    win; when no finite one is left, the choice is the greedy one."""
     if temperature <= 0.0 or top_k == 1:
         return int(torch.argmax(logits))
-    logits = logits / temperature
+    logits = torch.nan_to_num(logits.to(torch.float64), nan=float("-inf"))
+    best = logits.max()
+    if not torch.isfinite(best):
+        return int(torch.argmax(logits))  # +inf logits, or none but -inf: nothing to sample from
+    logits = (logits - best) / temperature
     if 0 < top_k < logits.shape[0]:
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

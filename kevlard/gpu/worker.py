@@ -7,6 +7,7 @@ so a crashed daemon leaves no orphan behind.
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import threading
@@ -14,6 +15,8 @@ import time
 import traceback
 
 from kevlard import messages as m
+
+log = logging.getLogger("kevlard.worker")
 
 
 class Worker:
@@ -312,7 +315,7 @@ class Worker:
                 pass  # the next stage is gone too
 
     def _run_step(self, step: m.Step) -> tuple[tuple[int, int], ...]:
-        from kevlard.gpu.sampler import sample_row
+        from kevlard.gpu.sampler import SAMPLING_FAILED, sample_row
         from kevlard.gpu.stage import ChunkView
 
         if time.monotonic() < self.step_error_until:
@@ -350,8 +353,12 @@ class Worker:
         out, i = [], 0
         for c in chunks:
             if c.sample:
-                out.append((c.req_id, sample_row(logits[i], c.temperature, c.top_p, c.top_k, c.seed,
-                                                 c.output_index)))
+                try:
+                    token = sample_row(logits[i], c.temperature, c.top_p, c.top_k, c.seed, c.output_index)
+                except Exception as e:  # one request's sampling: it fails alone, the step and worker go on
+                    log.warning("sampling failed for request %d: %s: %s", c.req_id, type(e).__name__, e)
+                    token = SAMPLING_FAILED
+                out.append((c.req_id, token))
                 i += 1
         return tuple(out)
 
@@ -395,9 +402,14 @@ def _at_low_priority(fn):
     return out["value"]
 
 
-def worker_main(worker_id: int, device: str, conn, num_threads: int, heartbeat_interval_s: float) -> None:
+def worker_main(worker_id: int, device: str, conn, num_threads: int, heartbeat_interval_s: float,
+                log_format: str = "text") -> None:
     """Entry point of the spawned process."""
     import torch
+
+    from kevlard.logs import setup_logging
+
+    setup_logging(log_format, worker=worker_id)
 
     torch.set_num_threads(max(1, num_threads))
     try:

@@ -209,6 +209,10 @@ class Scheduler:
             if not c.sample:
                 continue
             token = sampled[c.req_id]
+            if token < 0:  # its sampling raised on the worker: it ends alone, with an error
+                updates.append(RequestUpdate(req.id, [], "error", None))
+                self._finish(req, "error")
+                continue
             req.output_token_ids.append(token)
             reason = req.finish_reason_after(token)
             first = len(req.output_token_ids) == 1

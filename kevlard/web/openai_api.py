@@ -21,7 +21,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from kevlard.api_types import Engine, EngineError, TokenDelta
+from kevlard.api_types import Engine, EngineError, StopRequested, TokenDelta
 from kevlard.config import Config
 from kevlard.web import errors
 from kevlard.web.detokenizer import IncrementalDetokenizer
@@ -173,7 +173,7 @@ class _Generation:
             text = self._detok.add_tokens(delta.token_ids)
             if self._detok.stopped:
                 self.finish_reason = "stop"
-                await self.close()  # aborts the request in the engine
+                await self.close(stop=True)  # ends the request in the engine, finished by a stop string
             elif delta.finish_reason is not None:
                 self.finish_reason = delta.finish_reason
                 text += self._detok.finish()
@@ -193,13 +193,18 @@ class _Generation:
                 "total_tokens": prompt + completion,
                 "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
 
-    async def close(self) -> None:
+    async def close(self, stop: bool = False) -> None:
         deltas, self._deltas = self._deltas, None
         if deltas is None or not hasattr(deltas, "aclose"):
             return
         # Shielded: this often runs because the request was cancelled (client gone).
         with anyio.move_on_after(ABORT_TIMEOUT_S, shield=True) as scope:
             try:
+                if stop:  # counted as finished ("stop"), not as aborted
+                    try:
+                        await deltas.athrow(StopRequested())
+                    except (StopAsyncIteration, StopRequested):
+                        pass
                 await deltas.aclose()
             except Exception:
                 log.exception("closing the engine stream of %s failed", self._request_id)

@@ -57,6 +57,23 @@ def test_stop_token_finishes_with_stop_and_frees_blocks():
     assert s.blocks[0].num_free_blocks == 16
 
 
+def test_a_request_whose_sampling_failed_ends_alone_and_the_batch_goes_on():
+    """The worker reports SAMPLING_FAILED for one request of the batch: that request ends with an
+    error and frees its blocks; the other one got its token and keeps running."""
+    from kevlard.gpu.sampler import SAMPLING_FAILED
+
+    s = make()
+    s.add(req(1, prompt_len=3, max_tokens=5))
+    s.add(req(2, prompt_len=3, max_tokens=5))
+    plan = s.schedule(0)
+    assert {c.req_id for c in plan.chunks if c.sample} == {1, 2}
+    updates = s.update_from_output(plan.step_id, {1: SAMPLING_FAILED, 2: 7})
+    assert [(u.req_id, u.new_token_ids, u.finish_reason) for u in updates] == [(1, [], "error"), (2, [7], None)]
+    assert 1 not in s.requests and s.num_running() == 1
+    _, updates = run_step(s, 0, token=8)
+    assert [(u.req_id, u.new_token_ids) for u in updates] == [(2, [8])]
+
+
 def test_in_flight_requests_are_not_scheduled_twice():
     s = make()
     s.add(req(1))

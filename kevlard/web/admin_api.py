@@ -84,6 +84,9 @@ class AdminAPI:
                             "Missing admin token: send 'Authorization: Bearer <admin token>'")
 
 
+TIMED_KINDS = ("hang", "slow", "step_error")  # the kinds that end after duration_s (default: never)
+
+
 def parse_fault(body: dict[str, Any]) -> tuple[int, str, float | None]:
     """(worker, kind, duration_s) from a `POST /api/faults` body; every fault a 400 naming its param."""
     unknown = sorted(set(body) - {"worker", "kind", "duration_s"})
@@ -106,8 +109,14 @@ def parse_fault(body: dict[str, Any]) -> tuple[int, str, float | None]:
         if isinstance(duration_s, bool) or not isinstance(duration_s, (int, float)):
             raise APIError(f"'duration_s' must be a number, got {duration_s!r}", param="duration_s",
                            code="invalid_type")
-        if not (math.isfinite(duration_s) and duration_s > 0):
-            raise APIError(f"'duration_s' must be a finite number > 0, got {duration_s!r}",
+        try:
+            finite = math.isfinite(duration_s)
+        except OverflowError:  # an integer with hundreds of digits
+            finite = False
+        if not (finite and duration_s > 0):
+            raise APIError("'duration_s' must be a finite number > 0", param="duration_s", code="invalid_value")
+        if kind not in TIMED_KINDS:
+            raise APIError(f"'duration_s' applies to {', '.join(TIMED_KINDS)} only; a {kind} fault is not timed",
                            param="duration_s", code="invalid_value")
         duration_s = float(duration_s)
     return worker, kind, duration_s

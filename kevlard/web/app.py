@@ -55,12 +55,13 @@ class APIKeyMiddleware:
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self._app = app
-        self._expected = f"Bearer {api_key}".encode()
+        self._expected = api_key.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and _under(scope.get("path", ""), API_PREFIX):
             given = dict(scope.get("headers") or ()).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self._expected):
+            scheme, _, key = given.partition(b" ")  # the scheme is case-insensitive (RFC 7235)
+            if not (scheme.lower() == b"bearer" and hmac.compare_digest(key.strip(), self._expected)):
                 response = errors.error_response(
                     "Incorrect API key provided" if given else "Missing API key: send "
                     "'Authorization: Bearer <key>'", status=401, type="invalid_request_error",

@@ -47,18 +47,26 @@ class OpenAIAPI:
             Route("/v1/chat/completions", _guarded(self.chat_completions), methods=["POST"]),
             Route("/v1/completions", _guarded(self.completions), methods=["POST"]),
             Route("/v1/models", _guarded(self.models), methods=["GET"]),
+            Route("/v1/models/{model:path}", _guarded(self.model), methods=["GET"]),
         ]
 
+    def _model_card(self) -> dict:
+        return {"id": self._engine.model_name, "object": "model", "created": self._created,
+                "owned_by": "kevlard", "max_model_len": self._engine.max_model_len}
+
     async def models(self, request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": [{
-            "id": self._engine.model_name, "object": "model", "created": self._created,
-            "owned_by": "kevlard", "max_model_len": self._engine.max_model_len}]})
+        return JSONResponse({"object": "list", "data": [self._model_card()]})
+
+    async def model(self, request: Request) -> Response:
+        self._check_model({"model": request.path_params["model"]})
+        return JSONResponse(self._model_card())
 
     async def chat_completions(self, request: Request) -> Response:
         body = await read_json_body(request, self._config.server.max_body_bytes)
         self._check_model(body)
         messages = parse_chat_messages(body)
-        prompt_ids = self._apply_chat_template(messages)
+        # off the event loop: a few MB of prompt take seconds to tokenize, and every stream would stall
+        prompt_ids = await anyio.to_thread.run_sync(self._apply_chat_template, messages)
         req = parse_generation_request(body, prompt_ids, chat=True, engine=self._engine,
                                        server=self._config.server)
         return await self._respond(request, req, _ChatFormat(f"chatcmpl-{uuid.uuid4().hex}",
@@ -67,7 +75,7 @@ class OpenAIAPI:
     async def completions(self, request: Request) -> Response:
         body = await read_json_body(request, self._config.server.max_body_bytes)
         self._check_model(body)
-        prompt_ids = parse_completion_prompt(body, self._engine.tokenizer)
+        prompt_ids = await anyio.to_thread.run_sync(parse_completion_prompt, body, self._engine.tokenizer)
         req = parse_generation_request(body, prompt_ids, chat=False, engine=self._engine,
                                        server=self._config.server)
         return await self._respond(request, req, _CompletionFormat(f"cmpl-{uuid.uuid4().hex}",

@@ -46,9 +46,37 @@ async def read_json_body(request: Request, max_bytes: int) -> dict:
         body = json.loads(b"".join(chunks), parse_constant=_reject_constant)
     except ValueError as e:  # includes UnicodeDecodeError
         raise APIError(f"The request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise APIError("The request body is not valid JSON: nested too deeply") from None
     if not isinstance(body, dict):
         raise APIError("The request body must be a JSON object")
+    _reject_lone_surrogates(body)
     return body
+
+
+def _reject_lone_surrogates(body: dict) -> None:
+    """JSON may escape half of a UTF-16 pair ("\\ud800"), which is no Unicode text: no tokenizer
+    or response can take it. 400, naming the top-level field it is in."""
+    stack: list = [(None, body)]
+    while stack:
+        field, value = stack.pop()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                stack += [(field or key, key), (field or key, item)]
+        elif isinstance(value, list):
+            stack += [(field, item) for item in value]
+        elif isinstance(value, str) and not _is_unicode(value):
+            name = field if _is_unicode(field) else None
+            raise APIError(f"'{name or 'a field name'}' holds a lone UTF-16 surrogate escape, which is not "
+                           "valid Unicode", param=name, code="invalid_value")
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _reject_constant(name: str) -> None:
@@ -253,9 +281,15 @@ def _number(body: dict, name: str, default: float) -> float:
     value = body.get(name)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise APIError(f"'{name}' must be a number, got {value!r}", param=name, code="invalid_type")
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an integer with hundreds of digits
+        number = math.inf
+    if not math.isfinite(number):
+        raise APIError(f"'{name}' must be a finite number", param=name, code="invalid_value")
+    return number
 
 
 def _boolean(body: dict, name: str, default: bool, param: str | None = None) -> bool:

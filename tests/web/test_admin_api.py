@@ -137,6 +137,9 @@ def test_fault_on_unknown_worker_is_404(client, engine):
     ({"worker": 0, "kind": "hang", "duration_s": "5"}, "duration_s"),
     ({"worker": 0, "kind": "hang", "duration_s": True}, "duration_s"),
     ({"worker": 0, "kind": "hang", "duration": 5}, "duration"),
+    ({"worker": 0, "kind": "hang", "duration_s": 10 ** 400}, "duration_s"),
+    ({"worker": 0, "kind": "kill", "duration_s": 5}, "duration_s"),  # a kill is not timed
+    ({"worker": 0, "kind": "device_error", "duration_s": 5}, "duration_s"),
 ])
 def test_fault_with_bad_body_is_400(client, engine, body, param):
     assert_error(client.post("/api/faults", json=body, headers=auth()), 400, param=param)

@@ -1,7 +1,9 @@
 """The OpenAI-compatible API over real HTTP (uvicorn on a free port), against a fake engine."""
 from __future__ import annotations
 
+import concurrent.futures
 import json
+import threading
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -320,6 +322,8 @@ BAD_REQUESTS = [
     (CHAT, chat(max_completion_tokens=5000), "max_completion_tokens", None),
     (CMPL, {"prompt": "x", "max_tokens": 4097}, "max_tokens", None),
     (CMPL, {"prompt": "x", "ignore_eos": 1}, "ignore_eos", None),
+    (CMPL, {"prompt": "x", "temperature": 10 ** 400}, "temperature", None),  # int too large for a float
+    (CHAT, chat(top_p=-10 ** 400), "top_p", None),
     (CMPL, {"prompt": "x" * 200}, "prompt", "context_length_exceeded"),
     (CHAT, chat("x" * 200), "messages", "context_length_exceeded"),
     (CMPL, {"prompt": "x" * 100, "max_tokens": 50}, "max_tokens", "context_length_exceeded"),
@@ -346,12 +350,55 @@ def test_bad_request_is_400_naming_its_param(shared, path, body, param, code):
 
 
 @pytest.mark.parametrize("content", [b"{not json", b"[1, 2]", b'"text"', b"\xff\xfe", b"",
-                                     b'{"prompt": NaN}'])
+                                     b'{"prompt": NaN}', b'{"messages": ' + b"[" * 100000 + b"]" * 100000 + b"}"])
 def test_malformed_body_is_400(shared, content):
     _, client = shared
     r = client.post(CMPL, content=content, headers={"content-type": "application/json"})
     assert_openai_error(r, 400)
     assert client.post(CMPL, json={"prompt": "x"}).status_code == 200
+
+
+@pytest.mark.parametrize("path,body,param", [
+    (CMPL, {"prompt": "\ud800 hi"}, "prompt"),
+    (CHAT, chat("a \udfff"), "messages"),
+    (CMPL, {"prompt": "x", "stop": ["\ud800"]}, "stop"),
+    (CMPL, {"prompt": "x", "model": "\ud800"}, "model"),
+    (CMPL, {"prompt": "x", "\ud800": 1}, None),
+])
+def test_half_a_utf16_pair_is_400_naming_its_field(shared, path, body, param):
+    """JSON can escape a lone surrogate ("\\ud800"), which no tokenizer or response can take."""
+    _, client = shared
+    r = client.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
+    assert_openai_error(r, 400, param, "invalid_value")
+    assert client.post(CMPL, json={"prompt": "x"}).status_code == 200
+
+
+@pytest.mark.parametrize("path,body", [(CMPL, {"prompt": "a long prompt"}), (CHAT, chat("a long chat"))])
+def test_tokenizing_a_prompt_does_not_hold_up_the_server(engine, path, body, monkeypatch):
+    """Megabytes of prompt take seconds to tokenize: meanwhile /health and other requests are
+    answered. The tokenizer here blocks until the test has seen /health answered; were it run on
+    the event loop, /health would wait for it and the test would time out."""
+    release = threading.Event()
+    tokenizer = engine.tokenizer
+
+    def slow(method):
+        def run(text, *args, **kwargs):
+            if "long" in str(text):
+                assert release.wait(DEADLINE_S), "the tokenizer was never released"
+            return method(text, *args, **kwargs)
+        return run
+
+    for name in ("encode", "apply_chat_template"):  # (the tokenizer is shared by the tests)
+        monkeypatch.setattr(tokenizer, name, slow(getattr(tokenizer, name)))
+    with live_server(engine) as url, concurrent.futures.ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(httpx.post, f"{url}{path}", json=body, timeout=DEADLINE_S)
+        try:
+            assert httpx.get(f"{url}/health", timeout=DEADLINE_S / 2).status_code == 200
+            assert httpx.post(f"{url}{CMPL}", json={"prompt": "x"}, timeout=DEADLINE_S / 2).status_code == 200
+            assert not slow.done()
+        finally:
+            release.set()
+        assert slow.result().status_code == 200
 
 
 def test_prompt_limit_from_config(engine):
@@ -365,6 +412,13 @@ def test_unknown_model_is_404(client):
     r = client.post(CHAT, json={**chat(), "model": "gpt-9"})
     assert_openai_error(r, 404, "model", "model_not_found")
     assert client.post(CHAT, json=chat()).status_code == 200
+
+
+def test_a_model_is_retrieved_by_its_id(client):
+    """GET /v1/models/{id}, as the official client's models.retrieve() calls it."""
+    model = client.get("/v1/models/fake-model").json()
+    assert model["id"] == "fake-model" and model["object"] == "model"
+    assert_openai_error(client.get("/v1/models/gpt-9"), 404, "model", "model_not_found")
 
 
 def test_unknown_route_and_wrong_method(client):
@@ -396,8 +450,11 @@ def test_api_key_guards_v1_only(engine):
         assert_openai_error(httpx.get(f"{url}/v1/models"), 401, code="invalid_api_key")
         r = httpx.post(f"{url}{CHAT}", json=chat(), headers={"Authorization": "Bearer wrong"})
         assert_openai_error(r, 401, code="invalid_api_key")
-        ok = httpx.post(f"{url}{CHAT}", json=chat(), headers={"Authorization": "Bearer sekrit"})
-        assert ok.status_code == 200
+        r = httpx.post(f"{url}{CHAT}", json=chat(), headers={"Authorization": "Basic sekrit"})
+        assert_openai_error(r, 401, code="invalid_api_key")
+        for scheme in ("Bearer", "bearer", "BEARER"):  # the scheme is case-insensitive (RFC 7235)
+            ok = httpx.post(f"{url}{CHAT}", json=chat(), headers={"Authorization": f"{scheme} sekrit"})
+            assert ok.status_code == 200
         assert httpx.get(f"{url}/health").status_code == 200
 
 

@@ -39,6 +39,7 @@ class Recovery:
         self._last_lag, self._lag_reported_at = 0, 0.0
         self._restarting: set[int] = set()  # pipelines being torn down and restarted
         self._restoring: set[tuple[int, int]] = set()  # (pipeline, stage) a spare is being brought in for
+        self._pairing: set[tuple[int, int]] = set()  # (pipeline, stage) whose replica link is opening
         self._holds: dict[int, int] = {}  # pipeline -> recovery steps holding it paused
 
     # ---------------------------------------------------------------- detection
@@ -292,6 +293,7 @@ class Recovery:
             self.events.emit("restore", spare, pipeline=p, stage=s, route=list(route),
                              rehost_s=round(time.monotonic() - t0, 4),
                              since_failure_s=round(time.monotonic() - failed_at, 4), **phases)
+            self._spawn_task(self.pair_replicas())
         except Exception as e:
             self.events.emit("rehost_failed", spare, level=logging.ERROR, pipeline=p, stage=s, error=str(e))
             cluster.fence(spare, "rehost_failed")
@@ -315,11 +317,13 @@ class Recovery:
             opening.append(cluster.open_link(spare, nxt, "repl"))
 
             def outgoing() -> None:
+                if cluster.workers[nxt].state != "healthy":
+                    return  # it died while the route switched: it keeps nothing (pair_replicas may pair later)
                 cluster.replica_holder[(p, s)] = nxt
                 if nxt == previous:
                     self.scheduler.mark_replicated(p, s)  # it served from that very copy until now
                 else:  # the new holder gets what was written before it took over
-                    self.scheduler.forget_replicas(p, s)
+                    self.scheduler.new_replica_holder(p, s)
                     cluster.workers[spare].handle.send(m.Backfill(p, s, self.scheduler.backfill_spans(p)))
             changes.append(outgoing)
         if cluster.workers[prv].state == "healthy" and prv != spare and cluster.pool((p - 1) % P, s) == "primary":
@@ -327,12 +331,44 @@ class Recovery:
 
             def incoming() -> None:
                 q = (p - 1) % P
+                if cluster.workers[prv].state != "healthy":
+                    return
                 cluster.replica_holder[(q, s)] = spare
-                self.scheduler.forget_replicas(q, s)  # nothing is there yet: the source backfills it
+                self.scheduler.new_replica_holder(q, s)  # nothing is there yet: the source backfills it
                 cluster.workers[prv].handle.send(m.Backfill(q, s, self.scheduler.backfill_spans(q)))
             changes.append(incoming)
         await asyncio.gather(*opening)
         return lambda: [change() for change in changes]
+
+    async def pair_replicas(self) -> None:
+        """Each stage whose replica has no holder gets one, once it and its buddy (the same stage of
+        the next pipeline) both serve from their own pools: two restores that ran side by side
+        (both workers of a stage replaced) each found the other's route still on a dead worker."""
+        cluster, P = self.cluster, len(self.cluster.routes)
+        if not cluster.replication or P < 2:
+            return
+        for (p, s), holder in list(cluster.replica_holder.items()):
+            q = (p + 1) % P
+            src, nxt = cluster.routes[p][s], cluster.routes[q][s]
+            if (holder is not None or src == nxt or (p, s) in self._pairing or {(p, s), (q, s)} & self._restoring
+                    or cluster.pool(p, s) != "primary" or cluster.pool(q, s) != "primary"
+                    or any(cluster.workers[w].state != "healthy" for w in (src, nxt))):
+                continue
+            self._pairing.add((p, s))
+            try:
+                await cluster.open_link(src, nxt, "repl")
+            except Exception as e:
+                self.events.emit("replica_pairing_failed", src, level=logging.WARNING, pipeline=p, stage=s, error=str(e))
+                continue
+            finally:
+                self._pairing.discard((p, s))
+            if (cluster.routes[p][s], cluster.routes[q][s]) != (src, nxt) or cluster.replica_holder.get((p, s)) \
+                    is not None or any(cluster.workers[w].state != "healthy" for w in (src, nxt)):
+                continue  # things moved while the link opened: the next restore pairs them
+            cluster.replica_holder[(p, s)] = nxt
+            self.scheduler.new_replica_holder(p, s)  # nothing is there yet: the source backfills it
+            cluster.workers[src].handle.send(m.Backfill(p, s, self.scheduler.backfill_spans(p)))
+            self.events.emit("replica_paired", nxt, pipeline=p, stage=s, source=src)
 
     async def replace_spare(self, device: str) -> None:
         """The dead worker's device gets a new spare (a virtual CPU device is usable at once)."""

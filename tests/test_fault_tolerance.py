@@ -282,6 +282,52 @@ def test_primary_and_buddy_killed_together_every_request_completes(model_dir, re
         assert snap["recovery"]["requests_replayed"] >= 1
 
 
+def test_after_both_workers_of_a_stage_are_replaced_the_next_failure_resumes_from_the_replica(
+        model_dir, reference, tmp_path):
+    """Both stage-1 workers die together and two spares take over, each a new replica holder of the
+    other. The next failure of one of them is a reroute through the other that resumes requests from
+    the replica, not a replay. (The second load repeats the first one's prompts, so they share the
+    prefix cache's blocks, which a new holder never got: before the cache was started anew at a holder
+    change, no request sharing them could claim a replica there, and every one of them replayed.)"""
+    args = daemon_args(model_dir, tmp_path)
+    args[args.index("--spares") + 1], args[args.index("--devices") + 1] = "2", "cpu:8"
+    with running_daemon(args, tmp_path) as daemon:
+        url = daemon.url
+        routes = [pl["route"] for pl in httpx.get(url + "/api/cluster").json()["pipelines"]]
+
+        def both():
+            inject(url, routes[0][1], "kill")
+            inject(url, routes[1][1], "kill")
+
+        assert_same(run_load(url, both), reference)
+        wait_restored(url)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            snap = httpx.get(url + "/api/cluster").json()
+            if all(None not in pl["replica_holders"] for pl in snap["pipelines"]):
+                break
+            time.sleep(0.1)
+        assert all(None not in pl["replica_holders"] for pl in snap["pipelines"]), snap["pipelines"]
+        new = [pl["route"][1] for pl in snap["pipelines"]]
+        assert snap["pipelines"][0]["replica_holders"][1] == new[1] and snap["pipelines"][1]["replica_holders"][1] == new[0]
+        before = snap["recovery"]
+
+        def kill_once_generating():  # (the stats count from the start: wait for this load's tokens)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                now = httpx.get(url + "/api/cluster").json()
+                if now["stats"]["tokens_generated"] >= snap["stats"]["tokens_generated"] + 16 and now["num_running"] >= 2:
+                    break
+                time.sleep(0.02)
+            inject(url, new[0], "kill")
+
+        assert_same(run_load(url, kill_once_generating), reference)
+        after = wait_restored(url, gone=new[0])["recovery"]
+        assert after["reroutes"] == before["reroutes"] + 1
+        assert after["requests_resumed_replica"] > before["requests_resumed_replica"]
+        assert "event pipeline_down" not in daemon.log().split(f"worker_state worker={new[0]} state=dead")[-1]
+
+
 def test_restart_baseline_loses_nothing(model_dir, reference, tmp_path):
     with running_daemon(daemon_args(model_dir, tmp_path, recovery="restart"), tmp_path) as daemon:
         url = daemon.url

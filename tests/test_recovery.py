@@ -56,3 +56,40 @@ async def test_a_buddy_that_stays_healthy_takes_the_stage_and_the_requests_resum
     assert cluster.routes[0] == [0, 3] and recovery.counters["reroutes"] == 1
     assert [kind for kind, *_ in events] == ["reroute"]
     assert ("resume_after_failover", 0, 1) in recovery.scheduler.calls
+
+
+def make_paired_recovery(dead=()):
+    links: list = []
+    sent: list = []
+
+    async def open_link(a, b, purpose="act"):
+        links.append((a, b, purpose))
+
+    recovery, cluster, events = make_recovery(ensure_link=None)
+    for w, worker in cluster.workers.items():
+        worker.state = "dead" if w in dead else "healthy"
+        worker.handle = SimpleNamespace(send=lambda msg, w=w: sent.append((w, msg)))
+    cluster.open_link, cluster.replication, cluster.pool = open_link, True, lambda p, s: "primary"
+    cluster.replica_holder = {(0, 0): 2, (1, 0): 0, (0, 1): None, (1, 1): None}
+    return recovery, cluster, events, links, sent
+
+
+async def test_stages_left_without_a_replica_holder_pair_up_once_both_workers_serve():
+    """Both stage-1 workers were replaced side by side (routes [0, 1] and [2, 3] now): each
+    restore saw the other route on a dead worker. Each new worker now keeps the other's replica,
+    and each source backfills it."""
+    recovery, cluster, events, links, sent = make_paired_recovery()
+    await recovery.pair_replicas()
+    assert cluster.replica_holder == {(0, 0): 2, (1, 0): 0, (0, 1): 3, (1, 1): 1}
+    assert sorted(links) == [(1, 3, "repl"), (3, 1, "repl")]
+    assert sorted((w, type(msg).__name__, msg.pipeline, msg.stage) for w, msg in sent) == [
+        (1, "Backfill", 0, 1), (3, "Backfill", 1, 1)]
+    assert ("new_replica_holder", 0, 1) in recovery.scheduler.calls
+    assert [kind for kind, *_ in events] == ["replica_paired", "replica_paired"]
+
+
+async def test_a_stage_whose_buddy_is_dead_is_not_paired():
+    recovery, cluster, events, links, sent = make_paired_recovery(dead={3})
+    await recovery.pair_replicas()
+    assert cluster.replica_holder[(0, 1)] is None and cluster.replica_holder[(1, 1)] is None
+    assert links == [] and sent == [] and events == []

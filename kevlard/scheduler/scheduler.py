@@ -280,6 +280,15 @@ class Scheduler:
         for req in self.running[pipeline]:
             req.replicated.pop(stage, None)
 
+    def new_replica_holder(self, pipeline: int, stage: int) -> None:
+        """A new holder keeps the replica of (pipeline, stage) from now on. It holds nothing yet
+        (the source backfills what the running requests wrote), nor the cached blocks no running
+        request holds: the prefix cache starts anew, or every request sharing one of them (a system
+        prompt) would start with no replica at that stage and its acks, which begin past the
+        shared blocks, would never count."""
+        self.forget_replicas(pipeline, stage)
+        self.drop_prefix_cache(pipeline)
+
     def limit_blocks(self, pipeline: int, limit: int | None) -> None:
         """A stage of the pipeline is now served from its buddy's replica pool, which holds the
         block ids below `limit` (None: every stage is on its own pool again). A request keeps its

@@ -127,6 +127,33 @@ def test_a_failover_keeps_the_cache_but_claims_no_replica_where_there_is_none():
     assert s.requests[2].replicated == {0: 8}  # stage 1 has no replica any more
 
 
+def test_a_new_replica_holder_starts_the_cache_anew_so_that_later_requests_replicate_again():
+    """After the holder of stage 1 changed, the new one never got the cached system prompt's blocks
+    (only what running requests wrote is backfilled). A request that shared them would begin with
+    no replica at stage 1, and its acks, which start past the shared blocks, would never count: a
+    failure would replay it whole. The cache starts anew instead, and such a request resumes."""
+    s = make(replicated_stages=2)
+    s.add(req(1, SYSTEM + [1], max_tokens=2))
+    step(s)
+    s.on_replica_ack(0, 0, ((1, 0, 9),))
+    s.on_replica_ack(0, 1, ((1, 0, 9),))
+    step(s)  # request 1 ends; its prompt's blocks stay in the cache
+    s.new_replica_holder(0, 1)
+    s.add(req(2, SYSTEM + [2], max_tokens=10))
+    plan, _ = step(s)
+    chunk = next(c for c in plan.chunks if c.req_id == 2)
+    assert chunk.start == 0  # not shared: the new holder does not have those blocks
+    for stage in (0, 1):  # what the sources ack for what the step wrote
+        s.on_replica_ack(0, stage, ((2, chunk.start, chunk.start + chunk.num_tokens),))
+    assert s.requests[2].replicated == {0: 9, 1: 9}
+    resumed = dict((rid, (how, n)) for rid, how, n in s.resume_after_failover(0, 1))
+    assert resumed[2] == ("replica", 0)
+    # and once replicated everywhere, its blocks are shared again
+    s.add(req(3, SYSTEM + [3]))
+    plan, _ = step(s)
+    assert next(c for c in plan.chunks if c.req_id == 3).start == 8
+
+
 def test_a_hand_back_forgets_the_cache_but_running_requests_keep_their_blocks():
     s = make()
     s.add(req(1, SYSTEM + [1], max_tokens=10))

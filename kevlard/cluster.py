@@ -37,6 +37,9 @@ class WorkerState:
     ready: asyncio.Future | None = None
 
 
+DEAD_SHOWN = 8  # dead workers listed in a snapshot: the most recent ones
+
+
 class Cluster:
     def __init__(self, topology, launcher, store_host: str, link_timeout_s: float,
                  start_timeout_s: float, threads_per_worker: int, replication: bool = False):
@@ -320,21 +323,30 @@ class Cluster:
         return "serving"
 
     def snapshot(self) -> dict:
+        """Live workers, and the DEAD_SHOWN most recent dead ones (a long-lived daemon's failures would
+        otherwise grow the list, and a metric series per worker id, without end); a dead worker's
+        stages are the ones it served (`served`), not ones it serves."""
         workers = []
+        dead = sorted(wid for wid, w in self.workers.items() if w.state == "dead")
+        shown = set(dead[-DEAD_SHOWN:])
         for wid, w in sorted(self.workers.items()):
+            if w.state == "dead" and wid not in shown:
+                continue
             stages = []
             if w.stage is not None and w.layers is not None:
                 stages = [{"pipeline": p, "stage": w.stage, "layers": list(w.layers)} for p in sorted(w.pipelines)]
+            gone = w.state == "dead"
             workers.append({"id": wid, "device": w.handle.device, "pid": w.handle.pid, "state": w.state,
                             "failure": w.failure,
-                            "stages": stages, "steps_done": w.steps_done,
+                            "stages": [] if gone else stages, "served": stages if gone else [],
+                            "steps_done": w.steps_done,
                             "heartbeat_age_s": round(time.monotonic() - w.last_heartbeat, 3)
                             if w.last_heartbeat else None})
         pipelines = [{"id": p, "route": list(r), "state": self.pipeline_state(p),
                       "pools": [self.pool(p, s) for s in range(len(r))],
                       "replica_holders": [self.replica_holder.get((p, s)) for s in range(len(r))]}
                      for p, r in enumerate(self.routes)]
-        return {"workers": workers, "pipelines": pipelines}
+        return {"workers": workers, "pipelines": pipelines, "dead_workers": len(dead)}
 
     def stop(self, timeout_s: float = 5.0) -> None:
         self.stopping = True

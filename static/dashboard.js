@@ -174,21 +174,25 @@
       card.fields.steps.textContent = `${fmtNum(w.steps_done)}${rateText}`;
 
       card.stages.replaceChildren();
-      if (w.stages.length === 0) {
+      const served = w.served || [];  // a dead worker: what it served
+      if (w.stages.length === 0 && served.length === 0) {
         card.stages.append(el("span", "stage-tag none", w.state === "spare" ? "spare: no stage" : "no stage"));
       }
       for (const st of w.stages) {
         card.stages.append(el("span", "stage-tag mono", `p${st.pipeline} s${st.stage} ${layersText(st.layers)}`));
       }
+      for (const st of served) {
+        card.stages.append(el("span", "stage-tag mono none", `was p${st.pipeline} s${st.stage}`));
+      }
       // KV usage and replica lag per pipeline when the snapshot has them, else cluster-wide
-      const served = w.stages.map((st) => pipelineKv.get(st.pipeline)).filter(Boolean);
+      const kvOf = w.stages.map((st) => pipelineKv.get(st.pipeline)).filter(Boolean);
       const live = w.stages.length > 0 && w.state !== "dead" && w.state !== "stopped";
       let kv = null;
       let lag = null;
       if (live) {
-        const perPipeKv = served.map((p) => p.kv_usage).filter((x) => x != null);
+        const perPipeKv = kvOf.map((p) => p.kv_usage).filter((x) => x != null);
         kv = perPipeKv.length ? Math.max(...perPipeKv) : snap.kv_usage;
-        const perPipeLag = served.map((p) => p.replica_lag_tokens).filter((x) => x != null);
+        const perPipeLag = kvOf.map((p) => p.replica_lag_tokens).filter((x) => x != null);
         lag = perPipeLag.length ? perPipeLag.reduce((a, b) => a + b, 0) : snap.replica_lag_tokens;
       }
       card.fields.kv.textContent = fmtPct(kv);

@@ -70,3 +70,33 @@ def test_a_worker_heard_from_after_the_event_loop_closed_raises_nothing_in_its_r
     cluster.loop.close()
     cluster._eof_from_thread(0)
     cluster._from_thread(0, object())
+
+
+def test_a_snapshot_lists_the_live_workers_and_only_the_most_recent_dead_ones():
+    """A long-lived daemon's failures add a worker id each: the snapshot (and /metrics, one series
+    per listed worker) keeps the live ones and the last DEAD_SHOWN dead ones; a dead worker's
+    stages are what it served, so no stage seems served by a dead worker and a live one at once."""
+    from types import SimpleNamespace
+
+    from kevlard.cluster import DEAD_SHOWN, WorkerState
+
+    topo = plan_topology(ClusterConfig(devices="cpu:2", pipelines=1, stages=2, spares=0), 0)
+    cluster = Cluster(topo, launcher=None, store_host="127.0.0.1", link_timeout_s=5.0, start_timeout_s=5.0,
+                      threads_per_worker=1)
+
+    def worker(wid: int, state: str) -> WorkerState:
+        w = WorkerState(SimpleNamespace(device=f"cpu:{wid % 2}", pid=1000 + wid), state=state, stage=1,
+                        layers=(2, 3), pipelines={0})
+        cluster.workers[wid] = w
+        return w
+
+    worker(0, "healthy")
+    for wid in range(1, 20):
+        worker(wid, "dead")
+    worker(20, "healthy")
+    snap = cluster.snapshot()
+    listed = {w["id"]: w for w in snap["workers"]}
+    assert sorted(listed) == [0] + list(range(20 - DEAD_SHOWN, 20)) + [20]
+    assert snap["dead_workers"] == 19
+    assert listed[19]["stages"] == [] and listed[19]["served"] == [{"pipeline": 0, "stage": 1, "layers": [2, 3]}]
+    assert listed[20]["stages"] == [{"pipeline": 0, "stage": 1, "layers": [2, 3]}] and listed[20]["served"] == []

@@ -2,17 +2,28 @@
 heartbeats, which steps passed their deadline. The engine acts on the answers (fencing)."""
 from __future__ import annotations
 
+# A worker hosting a stage (a spare taking over) gets this many heartbeat timeouts: on a loaded CPU
+# it builds the stage in a low-priority thread, which, preempted while it holds the interpreter
+# lock, can hold the heartbeat thread off for more than a timeout (seen: five spares in a row fenced
+# as hung a second into their rehost, with the host at a load of 4.5 on 2 cores). Its pipeline
+# serves through the buddy meanwhile; a dead one is still seen at once, and a rehost that never
+# ends fails at `cluster.worker_start_timeout_s`.
+REHOSTING_TIMEOUT_FACTOR = 10
+
 
 class HealthMonitor:
     def __init__(self, heartbeat_timeout_s: float, step_timeout_s: float):
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.step_timeout_s = step_timeout_s
 
+    def timeout_s(self, state: str) -> float:
+        return self.heartbeat_timeout_s * (REHOSTING_TIMEOUT_FACTOR if state == "rehosting" else 1)
+
     def stale_workers(self, now: float, beats: dict[int, tuple[str, float]]) -> list[tuple[int, str]]:
-        """(worker, "hang") for each live worker whose last heartbeat is older than the timeout."""
+        """(worker, "hang") for each live worker whose last heartbeat is older than its timeout."""
         return [(wid, "hang") for wid, (state, last) in beats.items()
                 if state in ("healthy", "spare", "rehosting") and last > 0
-                and now - last > self.heartbeat_timeout_s]
+                and now - last > self.timeout_s(state)]
 
     @staticmethod
     def quiet_workers(now: float, beats: dict[int, tuple[str, float]], after_s: float) -> set[int]:
@@ -22,7 +33,7 @@ class HealthMonitor:
 
     def next_expiry(self, beats: dict[int, tuple[str, float]]) -> float | None:
         """When the first live worker's heartbeat will be too old, if no new one comes."""
-        times = [last + self.heartbeat_timeout_s for state, last in beats.values()
+        times = [last + self.timeout_s(state) for state, last in beats.values()
                  if state in ("healthy", "spare", "rehosting") and last > 0]
         return min(times) if times else None
 

@@ -13,7 +13,7 @@ def test_a_live_worker_past_the_heartbeat_timeout_is_a_hang_and_the_dead_are_not
 def test_the_next_check_is_due_when_the_oldest_live_heartbeat_runs_out():
     m = HealthMonitor(heartbeat_timeout_s=1.0, step_timeout_s=30.0)
     beats = {0: ("healthy", 10.2), 1: ("rehosting", 10.1), 2: ("dead", 1.0), 3: ("starting", 0.0)}
-    assert m.next_expiry(beats) == 11.1  # worker 1's; the dead one's long past expiry does not count
+    assert m.next_expiry(beats) == 11.2  # worker 0's; the dead one's long past expiry does not count
     assert m.next_expiry({2: ("dead", 1.0)}) is None
 
 
@@ -28,3 +28,13 @@ def test_a_healthy_worker_a_few_heartbeats_late_is_quiet_before_it_is_judged():
     beats = {0: ("healthy", 10.0), 1: ("healthy", 10.45), 2: ("dead", 1.0), 3: ("spare", 10.0)}
     assert m.quiet_workers(10.5, beats, after_s=0.3) == {0}  # not the dead nor the idle spare
     assert m.stale_workers(10.5, beats) == []
+
+
+def test_a_spare_hosting_a_stage_gets_longer_before_it_is_judged_hung():
+    """Its low-priority build can hold the heartbeat thread off on a loaded CPU (the pipeline serves
+    through the buddy meanwhile): it is judged at ten timeouts, not one."""
+    m = HealthMonitor(heartbeat_timeout_s=1.0, step_timeout_s=30.0)
+    beats = {0: ("rehosting", 10.0), 1: ("spare", 10.0)}
+    assert m.stale_workers(12.0, beats) == [(1, "hang")]
+    assert m.stale_workers(20.5, beats) == [(0, "hang"), (1, "hang")]
+    assert m.next_expiry({0: ("rehosting", 10.0)}) == 20.0

@@ -97,11 +97,13 @@ def run_load(url: str, fault=None) -> dict:
 
 
 def wait_for_tokens(url: str, at_least: int = 8) -> None:
-    """Until every pipeline is mid-generation, so the fault lands under in-flight requests."""
+    """Until every pipeline is mid-generation, so the fault lands under in-flight requests: `at_least`
+    tokens a pipeline more than when called (the daemon's count runs from its start)."""
+    base = httpx.get(url + "/api/cluster").json()["stats"]["tokens_generated"]
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         snap = httpx.get(url + "/api/cluster").json()
-        if snap["stats"]["tokens_generated"] >= at_least * 2 and snap["num_running"] >= 2:
+        if snap["stats"]["tokens_generated"] >= base + at_least * 2 and snap["num_running"] >= 2:
             return
         time.sleep(0.02)
 

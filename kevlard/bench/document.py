@@ -6,7 +6,6 @@ Usage: python -m kevlard.bench.document [BENCH_DIR] [OUT.md]   (defaults: docs/b
 """
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
@@ -16,16 +15,11 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from kevlard.bench.doc_tables import Targets, _f, _ratio, _run_table, _summary, load
 from kevlard.bench.loadgen import BenchResult
 from kevlard.bench.reasons import COMMANDS, WHY
-from kevlard.bench.report import FaultRecord, RequestRecord, percentile
-
-
-def load(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+from kevlard.bench.replication_doc import section_replication
+from kevlard.bench.report import FaultRecord, RequestRecord
 
 
 def result_from_json(data: dict[str, Any]) -> BenchResult:
@@ -40,58 +34,9 @@ def result_from_json(data: dict[str, Any]) -> BenchResult:
                        data.get("warmup_failed", 0), data.get("recovery"))
 
 
-def _f(value: Any, fmt: str = ".2f", suffix: str = "") -> str:
-    return "-" if value is None else f"{value:{fmt}}{suffix}"
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a is not None and b else None
-
-
-def _verdict(ok: bool | None) -> str:
-    return "n/a" if ok is None else ("**met**" if ok else "**missed**")
-
-
 def _first_fault(run: dict[str, Any] | None) -> dict[str, Any]:
     faults = (run or {}).get("faults") or []
     return next((f for f in faults if f.get("ok")), {})
-
-
-def _summary(run: dict[str, Any] | None, key: str) -> Any:
-    return ((run or {}).get("summary") or {}).get(key)
-
-
-class Targets:
-    """Rows of (target, measured, verdict, why-if-missed)."""
-
-    def __init__(self) -> None:
-        self.rows: list[tuple[str, str, str, str]] = []
-        self._told: set[str] = set()
-
-    def add(self, target: str, measured: str, ok: bool | None, why: str = "") -> None:
-        if ok is False and why in self._told:
-            why = "as above"
-        elif ok is False:
-            self._told.add(why)
-        self.rows.append((target, measured, _verdict(ok), why if ok is False else ""))
-
-    def markdown(self) -> list[str]:
-        if not self.rows:
-            return []
-        lines = ["| target | measured | | why, where missed |", "|---|---|---|---|"]
-        lines += [f"| {t} | {m} | {v} | {w} |" for t, m, v, w in self.rows]
-        return lines + [""]
-
-
-def _run_table(runs: list[tuple[str, dict[str, Any]]]) -> list[str]:
-    lines = ["| run | requests | failed | output tok/s | latency mean s | latency p99 s | TTFT mean s | TTFT p99 s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, run in runs:
-        s = run.get("summary") or {}
-        lines.append(f"| {name} | {s.get('requests')} | {s.get('failed')} | {_f(s.get('output_tokens_per_s'), '.1f')} "
-                     f"| {_f(s.get('latency_mean_s'))} | {_f(s.get('latency_p99_s'))} | {_f(s.get('ttft_mean_s'), '.3f')} "
-                     f"| {_f(s.get('ttft_p99_s'), '.3f')} |")
-    return lines + [""]
 
 
 def _fault_table(runs: list[tuple[str, dict[str, Any]]]) -> list[str]:
@@ -162,8 +107,7 @@ def section_serving(bench: Path, t: Targets) -> list[str]:
     ratio = statistics.median(ratios) if ratios else None
     each = f" (rounds: {', '.join(f'{r:.2f}' for r in ratios)})" if len(ratios) > 1 else ""
     t.add("throughput >= 1.5x the peer's (issue 2)", _f(ratio, ".2f", "x") + each,
-          None if ratio is None else ratio >= 1.5,
-          "the peer itself varies by about 25 % from run to run on this shared VM")
+          None if ratio is None else ratio >= 1.5, WHY["serving"])
     p99s = [(_summary(k, "latency_p99_s"), _summary(p, "latency_p99_s")) for k, p in rounds if p]
     if p99s:
         shown = "; ".join(f"{_f(a)} s vs {_f(b)} s" for a, b in p99s)
@@ -197,16 +141,15 @@ def _ready_times(bench: Path) -> list[float]:
 
 def section_faults(bench: Path, t: Targets) -> list[str]:
     ff, kill, restart, hang = (load(bench / f"{n}.json") for n in ("failure-free", "kevlar-kill", "restart-kill", "kevlar-hang"))
-    pairs = replication_pairs(bench)
     out = ["## Failure and recovery (issue 3)", "", "```sh", COMMANDS["faults"], "```", "",
            "SmolLM2 fp32, 2 pipelines x 2 stages + 1 spare, Poisson 3 requests/s, 60 requests, 32 tokens; pipeline 0's"
            " stage-1 worker SIGKILLed (or hung) 8 s in, for `recovery = \"kevlar\"` and `\"restart\"`; then the same"
-           " daemon with `[kv] replication` on and off, no fault, 8 requests/s. Window: requests in flight or"
+           " daemon with `[kv] replication` on and off, no fault, above and below its capacity. Window: requests in flight or"
            " arriving within 5 s after the fault.", ""]
     runs = [(n, r) for n, r in (("failure-free", ff), ("kevlar-kill", kill), ("restart-kill", restart),
                                  ("kevlar-hang", hang)) if r]
     if not runs:
-        return out + ["Not run.", ""] + _replication(pairs, t)
+        return out + ["Not run.", ""] + section_replication(bench, t)
     out += _run_table(runs) + _fault_table([(n, r) for n, r in runs if n != "failure-free"])
     plot = _plot(bench, "fault-tolerance.png", [r for _, r in runs], "SIGKILL / hang at 8 s: kevlar vs restart")
     if plot:
@@ -219,7 +162,7 @@ def section_faults(bench: Path, t: Targets) -> list[str]:
               _summary(run, "failed") == 0 and share == 1.0)
     probe = kf.get("probe_first_token_s")
     t.add("SIGKILL -> first token of a new request <= 0.3 s", f"{_f(probe, '.3f')} s",
-          None if probe is None else probe <= 0.3, WHY["kill_probe"])
+          None if probe is None else probe <= 0.3, WHY["kill_probe"].format(ff_ttft_p99=_summary(ff, "ttft_p99_s") or 0))
     hp = hf.get("probe_first_token_s")
     t.add("hang -> first token <= heartbeat timeout + 0.3 s = 1.3 s", f"{_f(hp, '.3f')} s", None if hp is None else hp <= 1.3,
           WHY["hang_probe"])
@@ -247,55 +190,7 @@ def section_faults(bench: Path, t: Targets) -> list[str]:
         t.add(f"failure window {what} <= {limit}x the failure-free run's (issue 5)",
               f"{_f(w.get(key), '.3f')} vs {_f(_summary(ff, key), '.3f')} s = {_f(r, '.2f', 'x')}",
               None if r is None else r <= limit, WHY["window"])
-    return out + _replication(pairs, t)
-
-
-def _replication(pairs: list[tuple[dict, dict]], t: Targets) -> list[str]:
-    """The verdict is on all pairs' requests pooled per side (a p99 over one pass's requests is
-    its slowest one or two); each pair's own overhead and their median are listed beside it."""
-    if not pairs:
-        return []
-    n = _summary(pairs[0][0], "requests")
-    out = [f"Replication, failure-free (8 requests/s, {n} requests a run), {len(pairs)} alternating pair(s) of runs;"
-           " the overhead is of all the pairs' requests pooled, on against off:", ""]
-    out += _run_table([(f"replication {how} ({i})", run) for i, (on, off) in enumerate(pairs, 1)
-                       for how, run in (("on", on), ("off", off))])
-    side = [list(runs) for runs in zip(*pairs)]  # the on runs, the off runs
-    tps = [_pooled_tps(runs) for runs in side]
-    p99 = [percentile([r["latency_s"] for run in runs for r in run.get("records") or [] if r.get("ok")], 99)
-           for runs in side]
-    for what, key, pooled in (("throughput", "output_tokens_per_s", _ratio(tps[1], tps[0])),
-                              ("p99 latency", "latency_p99_s", _ratio(p99[0], p99[1]))):
-        flip = key == "output_tokens_per_s"  # less throughput is the cost
-        pcts = [(r - 1) * 100 for r in (_ratio(_summary(off if flip else on, key), _summary(on if flip else off, key))
-                                        for on, off in pairs) if r is not None]
-        pct = None if pooled is None else (pooled - 1) * 100
-        each = f" (median of the pairs {statistics.median(pcts):.1f} %; pairs: " \
-               f"{', '.join(f'{x:.1f}' for x in pcts)} %)" if pcts else ""
-        t.add(f"replication overhead in {what} <= 2 %", _f(pct, ".1f", " %") + each,
-              None if pct is None else pct <= 2.0, WHY["replication"])
-    return out
-
-
-def _pooled_tps(runs: list[dict]) -> float | None:
-    tokens = sum(_summary(run, "output_tokens") or 0 for run in runs)
-    seconds = sum(_summary(run, "duration_s") or 0 for run in runs)
-    return tokens / seconds if seconds else None
-
-
-def replication_pairs(bench: Path) -> list[tuple[dict, dict]]:
-    """The (on, off) runs of the replication benchmark, in order; the single pair of older runs too."""
-    pairs, i = [], 1
-    while (bench / f"replication-on-{i}.json").exists() or (bench / f"replication-off-{i}.json").exists():
-        on, off = load(bench / f"replication-on-{i}.json"), load(bench / f"replication-off-{i}.json")
-        if on and off:
-            pairs.append((on, off))
-        i += 1
-    if not pairs:
-        on, off = load(bench / "replication-on.json"), load(bench / "replication-off.json")
-        if on and off:
-            pairs.append((on, off))
-    return pairs
+    return out + section_replication(bench, t)
 
 
 EMULATED_SETS = (

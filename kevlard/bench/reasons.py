@@ -12,7 +12,12 @@ COMMANDS = {
 }
 WHY = {
     "kill_probe": "until the spare takes over (a few tenths of a second later) the buddy computes its stage "
-                  "for both pipelines, and the probe queues behind the resumed requests' steps on two shared cores",
+                  "for both pipelines, and the probe queues behind the resumed requests' steps on two shared "
+                  "cores; the failure-free run's own p99 TTFT at this load was {ff_ttft_p99:.3f} s",
+    "serving": "kevlard's tokens/s depends on the state of the host more than the peer's: the same code served "
+               "about 160 tokens/s on this VM earlier on 2026-12-05 (1.60x) and 125 in the evening, old and new "
+               "code alike (docs/bench/ANALYSIS.md, eighth session), while the peer stayed at 95-105; the peer "
+               "alone also varies by about 25 % from run to run",
     "hang_probe": "the probe, sent at the moment of the hang, went to the hung pipeline and waited out the "
                   "detection (the heartbeat timeout after the last heartbeat), then its replay and the resumed "
                   "requests' steps on two shared cores; a probe sent to the other pipeline answers in about 0.1 s",

@@ -111,7 +111,26 @@ def test_replication_overhead_is_judged_on_all_pairs_requests_pooled(tmp_path, s
     text = render(bench)
     p99 = next(line for line in text.splitlines() if line.startswith("| replication overhead in p99"))
     assert verdict in p99
-    assert "replication on (2)" in text and "replication off (3)" in text and "20 requests a run" in text
+    assert "replication on (above capacity, 2)" in text and "replication off (above capacity, 3)" in text
+    assert "20 requests a run" in text
+
+
+def test_replication_p99_is_judged_below_capacity_and_throughput_above_it(tmp_path):
+    """Above the daemon's capacity latency is the queue, whose p99 grows with the run's length:
+    p99 is judged on the pairs run below capacity, throughput on those above it, and the p99 above
+    capacity is still shown, without a target."""
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    for i in (1, 2):
+        write(bench, f"replication-on-{i}.json", run("on", 1.1, 0.1))  # above: +10 % p99, about the same throughput
+        write(bench, f"replication-off-{i}.json", run("off", 1.0, 0.1))
+        write(bench, f"replication-low-on-{i}.json", run("on", 1.01, 0.1))  # below: +1 %
+        write(bench, f"replication-low-off-{i}.json", run("off", 1.0, 0.1))
+    rows = [line for line in render(bench).splitlines() if line.startswith("| replication overhead")]
+    assert len(rows) == 3
+    assert rows[0].startswith("| replication overhead in throughput <= 2 % at 2 requests/s |") and "**met**" in rows[0]
+    assert rows[1].startswith("| replication overhead in p99 latency <= 2 % at 2 requests/s | 1.0 %") and "**met**" in rows[1]
+    assert "above capacity (the queue's growth; no target) | 10.0 %" in rows[2] and rows[2].endswith("| n/a |  |")
 
 
 def test_the_throughput_ratio_is_the_median_of_the_rounds_and_each_round_is_shown(tmp_path):

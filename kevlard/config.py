@@ -226,7 +226,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"--config: no such file {str(p)!r}")
+            raise ConfigError(f"--config: {'not a file' if p.exists() else 'no such file'} {str(p)!r}")
         try:
             raw = tomllib.loads(p.read_text())
         except tomllib.TOMLDecodeError as e:

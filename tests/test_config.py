@@ -98,9 +98,11 @@ def test_invalid_values_name_the_field(tmp_path, text, overrides, field):
     assert str(excinfo.value).startswith(f"{field}:"), str(excinfo.value)
 
 
-def test_missing_file_fails_clearly():
+def test_missing_file_fails_clearly(tmp_path):
     with pytest.raises(ConfigError, match="no such file.*/nonexistent.toml"):
         load_config("/nonexistent.toml")
+    with pytest.raises(ConfigError, match=f"not a file '{tmp_path}'"):  # a directory given by mistake
+        load_config(tmp_path)
 
 
 def test_invalid_toml_names_the_file(tmp_path):

@@ -35,13 +35,13 @@ def _replication(saturated: list[tuple[dict, dict]], below: list[tuple[dict, dic
         if not pairs:
             continue
         side = [list(runs) for runs in zip(*pairs)]  # the on runs, the off runs
-        if key == "output_tokens_per_s":  # less throughput is the cost
+        flip = key == "output_tokens_per_s"  # less throughput is the cost
+        if flip:
             pooled = _ratio(_pooled_tps(side[1]), _pooled_tps(side[0]))
         else:
             p99 = [percentile([r["latency_s"] for run in runs for r in run.get("records") or [] if r.get("ok")], 99)
                    for runs in side]
             pooled = _ratio(p99[0], p99[1])
-        flip = key == "output_tokens_per_s"
         pcts = [(r - 1) * 100 for r in (_ratio(_summary(off if flip else on, key), _summary(on if flip else off, key))
                                         for on, off in pairs) if r is not None]
         pct = None if pooled is None else (pooled - 1) * 100

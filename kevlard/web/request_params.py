@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
@@ -42,21 +43,32 @@ async def read_json_body(request: Request, max_bytes: int) -> dict:
             if size > max_bytes:
                 raise too_large
             chunks.append(chunk)
+    raw = b"".join(chunks)
     try:
-        body = json.loads(b"".join(chunks), parse_constant=_reject_constant)
+        body = json.loads(raw, parse_constant=_reject_constant)
     except ValueError as e:  # includes UnicodeDecodeError
         raise APIError(f"The request body is not valid JSON: {e}") from None
     except RecursionError:
         raise APIError("The request body is not valid JSON: nested too deeply") from None
     if not isinstance(body, dict):
         raise APIError("The request body must be a JSON object")
-    _reject_lone_surrogates(body)
+    if _SURROGATE_ESCAPE.search(raw):  # rare: the walk below runs only then (a body of MBs costs it)
+        _reject_lone_surrogates(body)
     return body
+
+
+# a surrogate can only come from a \uD800-\uDFFF escape (raw UTF-8 cannot hold one: it fails to decode)
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 def _reject_lone_surrogates(body: dict) -> None:
     """JSON may escape half of a UTF-16 pair ("\\ud800"), which is no Unicode text: no tokenizer
     or response can take it. 400, naming the top-level field it is in."""
+    try:
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+        return  # escaped pairs (an emoji from a client that escapes non-ASCII): valid text
+    except UnicodeEncodeError:
+        pass
     stack: list = [(None, body)]
     while stack:
         field, value = stack.pop()

@@ -371,6 +371,10 @@ def test_half_a_utf16_pair_is_400_naming_its_field(shared, path, body, param):
     r = client.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
     assert_openai_error(r, 400, param, "invalid_value")
     assert client.post(CMPL, json={"prompt": "x"}).status_code == 200
+    # a whole pair, escaped as clients that escape non-ASCII send an emoji, is valid text
+    r = client.post(CMPL, content=json.dumps({"prompt": "hi \U0001F600", "stop": ["\U0001F601"]}),
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 200, r.text
 
 
 @pytest.mark.parametrize("path,body", [(CMPL, {"prompt": "a long prompt"}), (CHAT, chat("a long chat"))])

@@ -19,6 +19,9 @@ log = logging.getLogger("kevlard.recovery")
 # 1 s) gets no new requests while another pipeline has room: a request sent just after a hang
 # otherwise waits out the detection on the hung pipeline (the issue 3 benchmark's hang probe did).
 QUIET_AFTER_INTERVALS = 3
+# A replacement spare that dies during start-up is spawned again after 0.5, 1, 2, 4 s; the fifth
+# failure in a row gives the device up (a broken device must not spawn workers in a loop).
+SPARE_ATTEMPTS, SPARE_RETRY_S = 5, 0.5
 
 
 class Recovery:
@@ -371,13 +374,22 @@ class Recovery:
             self.events.emit("replica_paired", nxt, pipeline=p, stage=s, source=src)
 
     async def replace_spare(self, device: str) -> None:
-        """The dead worker's device gets a new spare (a virtual CPU device is usable at once)."""
-        wid = self.cluster.spawn_worker(device)
-        try:
-            await self.cluster.wait_ready(wid)
-        except Exception as e:
-            self.events.emit("spare_failed", wid, level=logging.ERROR, error=str(e))
-            return
+        """The dead worker's device gets a new spare (a virtual CPU device is usable at once). A
+        spare that dies before it is ready (killed, out of memory) is tried again after a pause
+        that doubles each time; after SPARE_ATTEMPTS in a row the device is given up as broken."""
+        for attempt in range(SPARE_ATTEMPTS):
+            wid = self.cluster.spawn_worker(device)
+            try:
+                await self.cluster.wait_ready(wid)
+                break
+            except Exception as e:
+                self.cluster.fence(wid, "start_failed")
+                last = attempt + 1 == SPARE_ATTEMPTS
+                self.events.emit("spare_failed", wid, level=logging.ERROR, error=str(e), device=device,
+                                 attempt=attempt + 1, retry_in_s=None if last else SPARE_RETRY_S * 2 ** attempt)
+                if last:
+                    return
+                await asyncio.sleep(SPARE_RETRY_S * 2 ** attempt)
         if self.cluster.workers[wid].state == "starting":
             self.cluster.workers[wid].state = "spare"
             self.events.emit("worker_state", wid, state="spare", device=device)

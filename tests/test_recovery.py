@@ -93,3 +93,50 @@ async def test_a_stage_whose_buddy_is_dead_is_not_paired():
     await recovery.pair_replicas()
     assert cluster.replica_holder[(0, 1)] is None and cluster.replica_holder[(1, 1)] is None
     assert links == [] and sent == [] and events == []
+
+
+def make_spare_recovery(failures: int):
+    """A cluster whose next `failures` spawned workers die before they are ready."""
+    recovery, cluster, events = make_recovery(ensure_link=None)
+    spawned, fenced = [], []
+
+    def spawn_worker(device):
+        wid = 10 + len(spawned)
+        spawned.append((wid, device))
+        cluster.workers[wid] = SimpleNamespace(state="starting")
+        return wid
+
+    async def wait_ready(wid):
+        if len(spawned) <= failures:
+            cluster.workers[wid].state = "dead"
+            raise RuntimeError(f"worker {wid} on cpu:3 died during start-up with exit code -9")
+
+    cluster.spawn_worker, cluster.wait_ready = spawn_worker, wait_ready
+    cluster.fence = lambda wid, why: fenced.append((wid, why))
+    return recovery, cluster, events, spawned, fenced
+
+
+async def test_a_spare_killed_during_its_start_up_is_spawned_again(monkeypatch):
+    """A burst of kills can hit a replacement spare before it is ready: the device was fine, so
+    another spare is spawned after a pause, and the stage waiting for it is restored by it."""
+    monkeypatch.setattr("kevlard.recovery.SPARE_RETRY_S", 0.001)
+    recovery, cluster, events, spawned, fenced = make_spare_recovery(failures=2)
+    await recovery.replace_spare("cpu:3")
+    assert spawned == [(10, "cpu:3"), (11, "cpu:3"), (12, "cpu:3")]
+    assert cluster.workers[12].state == "spare"
+    failed = [kw for kind, _, kw in events if kind == "spare_failed"]
+    assert [kw["attempt"] for kw in failed] == [1, 2] and all(kw["retry_in_s"] for kw in failed)
+    assert ("worker_state", 12, {"state": "spare", "device": "cpu:3"}) in events
+
+
+async def test_a_device_whose_spares_keep_dying_at_start_up_is_given_up(monkeypatch):
+    """A broken device must not spawn workers in a loop: after SPARE_ATTEMPTS in a row it is left."""
+    from kevlard.recovery import SPARE_ATTEMPTS
+
+    monkeypatch.setattr("kevlard.recovery.SPARE_RETRY_S", 0.001)
+    recovery, cluster, events, spawned, fenced = make_spare_recovery(failures=100)
+    await recovery.replace_spare("cpu:3")
+    assert len(spawned) == SPARE_ATTEMPTS
+    failed = [kw for kind, _, kw in events if kind == "spare_failed"]
+    assert len(failed) == SPARE_ATTEMPTS and failed[-1]["retry_in_s"] is None
+    assert not any(w.state == "spare" for w in cluster.workers.values())

@@ -1,0 +1,86 @@
+"""Bursts of failures: workers dying while others are still being brought in.
+
+Real daemon, real worker processes; the single faults of every kind and stage are in
+test_fault_tolerance.py, whose model, load and failure-free answers this file reuses.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import threading
+import time
+
+import httpx
+import psutil
+
+from tests.daemon_proc import running_daemon
+from tests.test_fault_tolerance import (  # noqa: F401  (model_dir, reference: fixtures)
+    assert_same, daemon_args, inject, model_dir, reference, run_load, wait_restored)
+
+
+def fork_server(daemon_pid: int) -> psutil.Process:
+    """The process every worker is forked from (the daemon's child running multiprocessing's forkserver)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        for child in psutil.Process(daemon_pid).children():
+            if "forkserver" in " ".join(child.cmdline()):
+                return child
+        time.sleep(0.05)
+    raise AssertionError("no fork server under the daemon")
+
+
+class StartUpKiller(threading.Thread):
+    """SIGKILLs the next `count` workers the fork server forks, the moment they appear: before they
+    can have started (a worker takes tens of milliseconds to report ready)."""
+
+    def __init__(self, server: psutil.Process, count: int):
+        super().__init__(daemon=True)
+        self.server, self.count = server, count
+        self.known = {p.pid for p in server.children()}
+        self.killed: list[int] = []
+        self.stop_flag = threading.Event()
+
+    def run(self) -> None:
+        while len(self.killed) < self.count and not self.stop_flag.is_set():
+            for child in self.server.children():
+                if child.pid not in self.known:
+                    self.known.add(child.pid)
+                    os.kill(child.pid, signal.SIGKILL)
+                    self.killed.append(child.pid)
+            time.sleep(0.001)
+
+
+def wait_for_log(daemon, pattern: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not re.search(pattern, daemon.log()):
+        assert time.monotonic() < deadline, f"no {pattern!r} in the log:\n{daemon.log()[-3000:]}"
+        time.sleep(0.05)
+
+
+def test_spares_killed_during_their_start_up_are_spawned_again_and_capacity_comes_back(
+        model_dir, reference, tmp_path):
+    """A worker is killed, and so are the first two replacement spares forked for its device, each
+    before it is ready (a burst of kills, or the OOM killer, does that). The pipeline serves through
+    the buddy meanwhile, nothing is lost, and a third spare is spawned and restores capacity: a spare
+    that died starting up is not taken as a broken device after one try."""
+    with running_daemon(daemon_args(model_dir, tmp_path), tmp_path) as daemon:
+        url = daemon.url
+        routes = [pl["route"] for pl in httpx.get(url + "/api/cluster").json()["pipelines"]]
+        killer = StartUpKiller(fork_server(daemon.proc.pid), count=2)
+
+        def kill_and_its_replacements():
+            killer.start()
+            inject(url, routes[0][1], "kill")
+
+        try:
+            assert_same(run_load(url, kill_and_its_replacements), reference)
+            killer.join(30)
+        finally:
+            killer.stop_flag.set()
+        assert len(killer.killed) == 2, killer.killed
+        snap = wait_restored(url)  # the spare (pipeline 0's stage 1 restored from it) and a new spare
+        # each was killed before it was ready: it failed starting, not as a spare (which is simply replaced)
+        wait_for_log(daemon, r"event spare_failed .*attempt=2 ")
+        assert snap["recovery"]["rehosts"] >= 1
+        assert snap["ready"] is True

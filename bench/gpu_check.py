@@ -262,15 +262,16 @@ def summarize(times: list[float], nbytes: int) -> dict:
 # ---------------------------------------------------------------- b. link
 
 def check_link(device: str, dtype: torch.dtype, deadline: float) -> dict:
-    """Part b: two spawned processes, one `Link` over a TCPStore this process hosts, as the daemon
-    does; rank 0 sends, rank 1 measures."""
-    import torch.distributed as dist
+    """Part b: two spawned processes, one `Link` met through a rendezvous file, as the daemon's
+    workers do; rank 0 sends, rank 1 measures."""
+    import tempfile
+
     import torch.multiprocessing as mp
 
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    rendezvous = os.path.join(tempfile.mkdtemp(prefix="kevlard-gpu-check-"), "link")
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=link_worker, args=(rank, store.port, device, dtype, queue), daemon=True)
+    procs = [ctx.Process(target=link_worker, args=(rank, rendezvous, device, dtype, queue), daemon=True)
              for rank in (0, 1)]
     for p in procs:
         p.start()
@@ -292,7 +293,7 @@ def check_link(device: str, dtype: torch.dtype, deadline: float) -> dict:
                 p.kill()
 
 
-def link_worker(rank: int, port: int, device: str, dtype: torch.dtype, queue) -> None:
+def link_worker(rank: int, rendezvous: str, device: str, dtype: torch.dtype, queue) -> None:
     """One end of the link. Before each transfer the receiver sends a one-element 'ready' and
     starts its clock, so each time is: that small message, the sender's device->host copy, the
     Gloo transfer (header + rows, `send_step`), and the receiver's host->device copy."""
@@ -300,7 +301,7 @@ def link_worker(rank: int, port: int, device: str, dtype: torch.dtype, queue) ->
         from kevlard.gpu.link import Link
 
         torch.zeros(1, device=device).sum().item()
-        link = Link("gpu-check", rank, "127.0.0.1", port, timeout_s=60.0)
+        link = Link("gpu-check", rank, rendezvous, timeout_s=60.0)
         ready = torch.zeros(1, dtype=torch.long)
         sizes = {}
         for label, nbytes in LINK_SIZES.items():

@@ -7,9 +7,12 @@ with its exit code.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -37,15 +40,15 @@ class WorkerState:
     ready: asyncio.Future | None = None
 
 
+SHM_DIR = "/dev/shm"
 DEAD_SHOWN = 8  # dead workers listed in a snapshot: the most recent ones
 
 
 class Cluster:
-    def __init__(self, topology, launcher, store_host: str, link_timeout_s: float,
+    def __init__(self, topology, launcher, link_timeout_s: float,
                  start_timeout_s: float, threads_per_worker: int, replication: bool = False):
         self.topology = topology
         self.launcher = launcher
-        self.store_host = store_host
         self.link_timeout_s = link_timeout_s
         self.start_timeout_s = start_timeout_s
         self.threads_per_worker = threads_per_worker
@@ -65,7 +68,7 @@ class Cluster:
         self.act_pairs: set[tuple[int, int]] = set()  # activation links open, (upstream, downstream)
         self._cmd_ids = itertools.count(1)
         self._pending: dict[int, tuple[int, asyncio.Future]] = {}  # cmd_id -> (worker, reply)
-        self._store = None
+        self.links_dir: str | None = None  # where each link's rendezvous file is made
         self.spawning: asyncio.Task | None = None  # the pipelines' workers being spawned (daemon start)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.on_message: Callable[[int, object], None] = lambda wid, msg: None
@@ -104,7 +107,7 @@ class Cluster:
             await asyncio.shield(self.spawning)  # cancelled start-up: the daemon still awaits it, then stops them
         elif not self.workers:
             await self.spawn_pipeline_workers()
-        self.start_store()
+        self.start_links_dir()
         await self._wait_ready(list(self.workers))
         t_ready = time.monotonic()
         hosts = []
@@ -141,11 +144,12 @@ class Cluster:
                  t_ready - t0, t_hosted - t_ready, slowest.get("host_s", 0.0), slowest.get("attach_s"),
                  slowest.get("kv_s"), slowest.get("pack_s"), time.monotonic() - t_hosted)
 
-    def start_store(self) -> None:
-        """The rendezvous store through which pairs of workers find each other to open a link."""
-        import torch.distributed as dist
-
-        self._store = dist.TCPStore(self.store_host, 0, is_master=True, wait_for_workers=False)
+    def start_links_dir(self) -> None:
+        """The directory of the files through which pairs of workers find each other to open a link:
+        `kevlard-<pid>-links` in /dev/shm (removed at stop, or at the next start if this daemon dies)."""
+        base = SHM_DIR if os.path.isdir(SHM_DIR) else tempfile.gettempdir()
+        self.links_dir = os.path.join(base, f"kevlard-{os.getpid()}-links")
+        os.makedirs(self.links_dir, mode=0o700, exist_ok=True)
 
     async def ensure_link(self, a: int, b: int) -> None:
         """An activation link from a to b, opened unless it already is."""
@@ -200,11 +204,15 @@ class Cluster:
     async def open_link(self, a: int, b: int, purpose: str = "act") -> None:
         """A two-party link between workers a (rank 0) and b (rank 1); nobody else takes part."""
         name = f"{purpose}-{a}-{b}-{self.next_cmd_id()}"
-        port = self._store.port
+        path = os.path.join(self.links_dir, name)  # new for each link: nothing stale is ever read
         timeout = self.link_timeout_s
-        await asyncio.gather(
-            self.command(a, m.OpenLink(self.next_cmd_id(), b, name, 0, self.store_host, port, timeout, purpose)),
-            self.command(b, m.OpenLink(self.next_cmd_id(), a, name, 1, self.store_host, port, timeout, purpose)))
+        try:
+            await asyncio.gather(
+                self.command(a, m.OpenLink(self.next_cmd_id(), b, name, 0, path, timeout, purpose)),
+                self.command(b, m.OpenLink(self.next_cmd_id(), a, name, 1, path, timeout, purpose)))
+        finally:  # both have found each other (or one is gone): the file has served
+            with contextlib.suppress(OSError):
+                os.unlink(path)
         if purpose == "act":
             self.act_pairs.add((a, b))
 
@@ -358,7 +366,8 @@ class Cluster:
             w.handle.process.join(max(0.0, deadline - time.monotonic()))
         for w in workers:
             w.handle.stop(1.0)
-        self._store = None
+        if self.links_dir is not None:
+            shutil.rmtree(self.links_dir, ignore_errors=True)
         log.info("workers stopped (pid %d)", os.getpid())
 
 

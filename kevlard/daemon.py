@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import signal
 import socket
@@ -58,9 +59,21 @@ def _cuda_count(devices: str) -> int:
 
 
 def _on_signals(handler) -> None:
+    """SIGTERM (systemd's stop), SIGINT (Ctrl-C) and SIGHUP (the terminal or ssh session closed; there
+    is no configuration reload) each drain and stop; a second one stops at once."""
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, handler)
+
+
+# After the drain timeout the requests still running end with a shutting-down error; uvicorn waits
+# this much longer for their streams to say so and close before it cancels them.
+STREAM_END_GRACE_S = 2.0
+
+
+async def _end_streams_after(engine, seconds: float) -> None:
+    await asyncio.sleep(seconds)
+    await engine.drain(0.0)
 
 
 def _listen(server) -> socket.socket:
@@ -95,7 +108,7 @@ async def _serve(config: Config) -> int:
     # the workers import torch while the daemon loads the model
     threads = config.cluster.threads_per_worker or max(1, (os.cpu_count() or 1) // (topo.pipelines * topo.stages))
     replication = config.kv.replication and config.recovery == "kevlar" and topo.pipelines > 1
-    cluster = Cluster(topo, LocalLauncher(config.health.heartbeat_interval_s, config.log_format), "127.0.0.1",
+    cluster = Cluster(topo, LocalLauncher(config.health.heartbeat_interval_s, config.log_format),
                       config.cluster.link_timeout_s, config.cluster.worker_start_timeout_s, threads, replication)
     if config.cluster.cpu_budget == "pipeline" and topo.kind == "cpu":
         cluster.cpu_sets = pipeline_cpu_sets(topo.pipelines, sorted(os.sched_getaffinity(0)))
@@ -208,7 +221,8 @@ async def _run_http(config: Config, engine, t0: float, after_ready, listener: so
     exit_code = 0
     server = uvicorn.Server(uvicorn.Config(app, host=config.server.host, port=config.server.port,
                                            log_level="warning", access_log=False, lifespan="off",
-                                           timeout_graceful_shutdown=max(1, int(config.server.drain_timeout_s))))
+                                           timeout_graceful_shutdown=math.ceil(config.server.drain_timeout_s
+                                                                               + STREAM_END_GRACE_S)))
     server.capture_signals = contextlib.nullcontext  # ours below: drain and exit 0, not re-raise
     task = asyncio.create_task(server.serve(sockets=[listener]))
 
@@ -216,9 +230,13 @@ async def _run_http(config: Config, engine, t0: float, after_ready, listener: so
         return "stopping: draining in-flight requests" if server.should_exit else \
             systemd.status_line(engine.snapshot())
 
+    ending: list[asyncio.Task] = []
+
     def stop() -> None:
         if server.should_exit:
             server.force_exit = True  # a second signal: do not wait for the drain
+        else:  # past the drain timeout, what still runs ends with an error event, not a cut connection
+            ending.append(asyncio.ensure_future(_end_streams_after(engine, config.server.drain_timeout_s)))
         server.should_exit = True
         engine.begin_shutdown()  # /ready says 503 while in-flight requests drain
         close_streams(app)  # open /api/events streams must not hold the shutdown
@@ -246,7 +264,7 @@ async def _run_http(config: Config, engine, t0: float, after_ready, listener: so
     watches = [asyncio.create_task(after_ready()), counting, asyncio.create_task(notifier.watchdog(status)),
                asyncio.create_task(_watch_capacity(engine, config.scheduler.no_route_wait_s, unrecoverable))]
     await task
-    for watch in watches:
+    for watch in watches + ending:
         watch.cancel()
     remove_token_file(token_file, admin_token)
     await engine.drain(0.0)

@@ -39,8 +39,7 @@ class OpenLink:
     peer: int
     name: str
     rank: int
-    store_host: str
-    store_port: int
+    rendezvous: str  # a file both sides open to find each other (see gpu/link.py)
     timeout_s: float
     purpose: str = "act"  # act: activations | repl: KV replicas (rank 1 receives) | xfer: KV hand-back
 

@@ -27,7 +27,7 @@ class DyingLauncher:
 
 async def test_worker_dying_at_start_is_reported_with_its_exit_code():
     topo = plan_topology(ClusterConfig(devices="cpu:1", pipelines=1, stages=1, spares=0), 0)
-    cluster = Cluster(topo, DyingLauncher(), "127.0.0.1", 5.0, start_timeout_s=60.0, threads_per_worker=1)
+    cluster = Cluster(topo, DyingLauncher(), 5.0, start_timeout_s=60.0, threads_per_worker=1)
     with pytest.raises(WorkerStartError, match="exit code 7"):
         await asyncio.wait_for(cluster.start(lambda s: None), 60)
     cluster.stop(1.0)
@@ -41,15 +41,15 @@ async def test_a_peer_dying_before_it_joins_a_link_holds_up_no_other_link():
     from kevlard.launcher import LocalLauncher
 
     topo = plan_topology(ClusterConfig(devices="cpu:3", pipelines=1, stages=3, spares=0), 0)
-    cluster = Cluster(topo, LocalLauncher(0.1), "127.0.0.1", link_timeout_s=300.0, start_timeout_s=300.0,
+    cluster = Cluster(topo, LocalLauncher(0.1), link_timeout_s=300.0, start_timeout_s=300.0,
                       threads_per_worker=1)
     try:
         await cluster.spawn_pipeline_workers()
-        cluster.start_store()
+        cluster.start_links_dir()
         await cluster.wait_ready(0), await cluster.wait_ready(1), await cluster.wait_ready(2)
         # worker 0 starts a link to worker 2; worker 2 is killed before it takes its side
         waiting = asyncio.ensure_future(cluster.command(0, m.OpenLink(
-            cluster.next_cmd_id(), 2, "act-0-2-orphan", 0, "127.0.0.1", cluster._store.port, 300.0, "act")))
+            cluster.next_cmd_id(), 2, "act-0-2-orphan", 0, os.path.join(cluster.links_dir, "orphan"), 300.0, "act")))
         await asyncio.sleep(0.5)
         cluster.fence(2, "kill")
         # the link worker 0 is asked for next opens now, not after the orphan's 300 s timeout
@@ -65,7 +65,7 @@ def test_a_worker_heard_from_after_the_event_loop_closed_raises_nothing_in_its_r
     """A worker's channel may close (or a last message arrive) after the cluster was stopped and its
     event loop closed: the reader thread must not die with 'Event loop is closed' (CI saw this)."""
     topo = plan_topology(ClusterConfig(devices="cpu:1", pipelines=1, stages=1, spares=0), 0)
-    cluster = Cluster(topo, DyingLauncher(), "127.0.0.1", 5.0, start_timeout_s=5.0, threads_per_worker=1)
+    cluster = Cluster(topo, DyingLauncher(), 5.0, start_timeout_s=5.0, threads_per_worker=1)
     cluster.loop = asyncio.new_event_loop()
     cluster.loop.close()
     cluster._eof_from_thread(0)
@@ -81,7 +81,7 @@ def test_a_snapshot_lists_the_live_workers_and_only_the_most_recent_dead_ones():
     from kevlard.cluster import DEAD_SHOWN, WorkerState
 
     topo = plan_topology(ClusterConfig(devices="cpu:2", pipelines=1, stages=2, spares=0), 0)
-    cluster = Cluster(topo, launcher=None, store_host="127.0.0.1", link_timeout_s=5.0, start_timeout_s=5.0,
+    cluster = Cluster(topo, launcher=None, link_timeout_s=5.0, start_timeout_s=5.0,
                       threads_per_worker=1)
 
     def worker(wid: int, state: str) -> WorkerState:

@@ -190,3 +190,44 @@ def test_killed_worker_and_crashed_daemon_leave_no_shared_memory(tiny_dir, tmp_p
     # cleans up after dead ones; in a lone test run it is this one, and its log says so)
     with running_daemon(args, tmp_path):
         assert shm_segments(daemon.proc.pid) == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_streams_still_running_when_the_drain_times_out_end_with_an_error_event(tiny_dir, tmp_path, sig):
+    """With `drain_timeout_s = 0` nothing may finish: each open stream gets the shutting-down error
+    event and `[DONE]` (a client can tell it to retry), not a connection cut mid-chunk; the daemon
+    exits 0 and leaves nothing behind. SIGHUP (a closed terminal or ssh session) stops it the same way."""
+    conf = tmp_path / "kevlard.toml"
+    conf.write_text("[server]\ndrain_timeout_s = 0\n")
+    args = ["--config", str(conf), "--model", str(tiny_dir), "--devices", "cpu:2", "--pipelines", "1",
+            "--stages", "2", "--spares", "0"]
+    daemon = start_daemon(args, tmp_path)
+    got: dict = {}
+    streaming = [threading.Event() for _ in range(4)]
+
+    def stream(i):
+        lines = got[i] = []
+        try:
+            with daemon.client() as c, c.stream("POST", "/v1/completions", json={
+                    "prompt": f"hello {i}", "max_tokens": 480, "ignore_eos": True, "stream": True}) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        lines.append(line)
+                        streaming[i].set()
+        except httpx.HTTPError as e:
+            got[i] = repr(e)
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for i in range(4):
+        assert streaming[i].wait(60), f"stream {i} never started"
+    assert daemon.stop(sig) == 0
+    for t in threads:
+        t.join(60)
+    for i in range(4):
+        assert isinstance(got[i], list), f"stream {i} was cut: {got[i]}"
+        assert got[i][-1] == "data: [DONE]", got[i][-3:]
+        last = json.loads(got[i][-2][len("data: "):])
+        assert last["error"]["code"] == "shutting_down", last
+    assert shm_segments(daemon.proc.pid) == []

@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -244,13 +245,17 @@ def drop_mapped_pages(weights: dict[str, torch.Tensor]) -> None:
 
 
 def cleanup_stale_segments(shm_dir: str = SHM_DIR) -> list[str]:
-    """Remove `kevlard-<pid>-*` files whose daemon is gone; returns the names removed."""
+    """Remove `kevlard-<pid>-*` files (and directories) whose daemon is gone; returns the names removed."""
     removed = []
     for entry in sorted(os.listdir(shm_dir)):
         match = _SEGMENT_RE.match(entry)
         if match and not pid_alive(int(match.group(1))):
+            path = os.path.join(shm_dir, entry)
             try:
-                os.unlink(os.path.join(shm_dir, entry))
+                if os.path.isdir(path):  # kevlard-<pid>-links: its links' rendezvous files
+                    shutil.rmtree(path)
+                else:
+                    os.unlink(path)
                 removed.append(entry)
             except FileNotFoundError:
                 pass  # another daemon cleaned it first

@@ -181,7 +181,7 @@ class Worker:
             self._opening[key] = msg.name
         # a replica receiver waits between shipments for as long as its source lives
         recv_timeout = 7 * 24 * 3600.0 if purpose == "repl-in" else None
-        link = Link(msg.name, msg.rank, msg.store_host, msg.store_port, msg.timeout_s, recv_timeout)
+        link = Link(msg.name, msg.rank, msg.rendezvous, msg.timeout_s, recv_timeout)
         with self._links_lock:
             if self._opening.get(key) != msg.name:  # closed, or opened anew, while it connected
                 link.close()

@@ -4,18 +4,16 @@ from __future__ import annotations
 import threading
 
 import pytest
-import torch.distributed as dist
 
 from kevlard.gpu.link import Link
 
 
 @pytest.fixture
-def pair():
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+def pair(tmp_path):
     ends = {}
 
     def open_end(rank):
-        ends[rank] = Link("test-link", rank, "127.0.0.1", store.port, 30.0)
+        ends[rank] = Link("test-link", rank, str(tmp_path / "test-link"), 30.0)
 
     threads = [threading.Thread(target=open_end, args=(r,)) for r in (0, 1)]
     for t in threads:

@@ -40,7 +40,7 @@ def resolve_admin_token(configured: str, port: int,
         return configured, None
     path = token_file(port, state_dir)
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    token = secrets.token_urlsafe(32)
+    token = new_admin_token()
     # O_NOFOLLOW: a symlink planted at this path must not redirect the write; the mode is given
     # at creation so the token is never readable by others, not even for an instant.
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
@@ -49,6 +49,10 @@ def resolve_admin_token(configured: str, port: int,
         os.fchmod(f.fileno(), 0o600)
         f.write(token)
     return token, path
+
+
+def new_admin_token() -> str:
+    return secrets.token_urlsafe(32)
 
 
 def remove_token_file(path: Path | None, token: str) -> None:

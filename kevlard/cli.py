@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from typing import Any, Sequence
 
@@ -55,7 +56,7 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--compare", metavar="MODES",
                        help="with --config: a failure-free pass, then the same load and faults once per "
                             "recovery mode, e.g. kevlar,restart")
-    bench.add_argument("--restart-reload-s", type=float, metavar="X",
+    bench.add_argument("--restart-reload-s", type=_seconds, metavar="X",
                        help="with --compare ...,restart: add X s to the restart baseline's reload, to emulate "
                             "a bigger model (labelled as emulated)")
     bench.add_argument("--replication", metavar="on,off",
@@ -64,7 +65,7 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--work-dir", metavar="DIR",
                        help="with --config: keep the daemons' configs and logs here (default: a temporary "
                             "directory, removed after)")
-    bench.add_argument("--ready-timeout-s", type=float, default=300.0, metavar="X",
+    bench.add_argument("--ready-timeout-s", type=_seconds, default=300.0, metavar="X",
                        help="with --config: give up when a daemon is not ready after X s (default 300)")
     bench.add_argument("--rate", type=float, default=8.0, metavar="R",
                        help="Poisson arrival rate in requests/s; inf sends all at once (default 8)")
@@ -81,7 +82,7 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--reference", metavar="RUN.json",
                        help="a failure-free run of the same workload (--json of it): report the share "
                             "of answers identical to it")
-    bench.add_argument("--timeout-s", type=float, default=300.0, metavar="X",
+    bench.add_argument("--timeout-s", type=_seconds, default=300.0, metavar="X",
                        help="give up on a request after X s (default 300)")
     bench.add_argument("--fault", action="append", default=[], metavar="KIND@TIME[:worker=ID]",
                        help="inject a fault (kill, hang, slow, device_error, step_error) TIME after the start, e.g. "
@@ -91,7 +92,7 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--admin-token", metavar="T",
                        help="admin token for /api/faults (default: the one the daemon wrote to "
                             "~/.local/state/kevlard/admin_token.PORT)")
-    bench.add_argument("--window-s", type=float, default=5.0, metavar="X",
+    bench.add_argument("--window-s", type=_seconds, default=5.0, metavar="X",
                        help="failure window: requests in flight at a fault or sent X s after it (default 5)")
     bench.add_argument("--warmup", type=int, default=0, metavar="N",
                        help="send N requests and await them before the measured run (default 0)")
@@ -101,7 +102,7 @@ def _build_parser() -> argparse.ArgumentParser:
     fault.add_argument("--url", required=True, help="the daemon, e.g. http://127.0.0.1:8000")
     fault.add_argument("--worker", required=True, metavar="ID", help="worker id (see `kevlard status`)")
     fault.add_argument("--kind", required=True, help="fault kind, e.g. kill")
-    fault.add_argument("--duration-s", type=float, metavar="X", help="how long the fault lasts, where it applies")
+    fault.add_argument("--duration-s", type=_seconds, metavar="X", help="how long the fault lasts, where it applies")
     fault.add_argument("--token", default="", help="admin token (server.admin_token; default: the one the daemon at --url "
                             "wrote to ~/.local/state/kevlard/admin_token.PORT)")
     fault.set_defaults(command="fault", run=_fault)
@@ -316,6 +317,17 @@ def _status(args: argparse.Namespace) -> int:
     print("pipelines")
     print(format_table(_rows(snapshot.get("pipelines", []))))
     return 0
+
+
+def _seconds(text: str) -> float:
+    """A duration: a finite number >= 0 (JSON has no NaN or infinity to send)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds >= 0, got {text!r}")
+    return value
 
 
 def _worker_id(text: str) -> int | str:

@@ -44,7 +44,7 @@ class ModelConfig:
 class ClusterConfig:
     devices: str = "auto"  # auto | cpu:N | cuda:0,1,...
     pipelines: int = 0  # 0: derived (2 when there are >= 4 devices, else 1)
-    stages: int = 0  # 0: derived (devices // pipelines, at most 2 on CPU)
+    stages: int = 0  # 0: derived (devices // pipelines)
     spares: int = -1  # -1: derived (1 if a device is left over or on CPU, else 0)
     worker_start_timeout_s: float = 120.0
     restart_reload_extra_s: float = 0.0  # recovery = "restart" only: added to each reload (emulates a bigger model)
@@ -110,6 +110,10 @@ class Config:
         if self.model.path:
             _check(Path(self.model.path).expanduser().exists(), "model.path", "does not exist",
                    self.model.path)
+        if self.model.cache_dir:
+            cache = Path(self.model.cache_dir).expanduser()
+            _check(not cache.exists() or cache.is_dir(), "model.cache_dir", "is not a directory",
+                   self.model.cache_dir)
         parse_devices(self.cluster.devices)  # raises ConfigError naming cluster.devices
         _check(self.cluster.pipelines >= 0, "cluster.pipelines", "must be >= 1 (or 0 to derive)",
                self.cluster.pipelines)

@@ -32,7 +32,10 @@ def serve(config: Config) -> int:
     setup_logging(config.log_format)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        return asyncio.run(_serve(config))
+        from kevlard.systemd import Notifier
+
+        # taken before any worker starts: none of them inherits the service's notify socket
+        return asyncio.run(_serve(config, Notifier(unset_environment=True)))
     except ConfigError as e:
         log.error("invalid configuration: %s", e)
         return 2
@@ -43,7 +46,7 @@ def serve(config: Config) -> int:
         from kevlard.cluster import WorkerStartError
         from kevlard.model_source import UnsupportedModelError
 
-        if isinstance(e, (UnsupportedModelError, WorkerStartError, FileNotFoundError, ValueError)):
+        if isinstance(e, (UnsupportedModelError, WorkerStartError, OSError, ValueError)):  # disk, paths
             log.error("cannot start: %s", e)
             return 1
         raise
@@ -89,7 +92,7 @@ def _listen(server) -> socket.socket:
     return sock
 
 
-async def _serve(config: Config) -> int:
+async def _serve(config: Config, notifier) -> int:
     t0 = time.monotonic()
     check_exposure(config.server)  # before anything starts: a ConfigError exits 2
     # the HTTP port is taken first: a port in use fails at once, and no socket the workers and
@@ -115,14 +118,14 @@ async def _serve(config: Config) -> int:
         log.info("cpu_budget = pipeline: pipelines pinned to cores %s", [sorted(c) for c in cluster.cpu_sets])
     cluster.spawning = asyncio.ensure_future(cluster.spawn_pipeline_workers())
     try:
-        return await _load_and_serve(config, topo, cluster, t0, listener)
+        return await _load_and_serve(config, topo, cluster, t0, listener, notifier)
     finally:
         with contextlib.suppress(BaseException):  # started workers are registered, then stopped
             await cluster.spawning
         await asyncio.to_thread(cluster.stop)
 
 
-async def _load_and_serve(config: Config, topo, cluster, t0: float, listener: socket.socket) -> int:
+async def _load_and_serve(config: Config, topo, cluster, t0: float, listener: socket.socket, notifier) -> int:
     from kevlard.engine import KevlarEngine
     from kevlard.gpu.kv_cache import bytes_per_block
     from kevlard.gpu.weight_store import HostWeightStore
@@ -185,7 +188,7 @@ async def _load_and_serve(config: Config, topo, cluster, t0: float, listener: so
         log.info("%d pipeline workers up, %d KV blocks of %d tokens per worker (and %d in a replica pool), "
                  "%d thread(s) each", topo.pipelines * topo.stages, num_blocks, config.kv.block_size,
                  replica_blocks, cluster.threads_per_worker)
-        return await _run_http(config, engine, t0, cluster.start_spares, listener)
+        return await _run_http(config, engine, t0, cluster.start_spares, listener, notifier)
     finally:
         store.close()
         log.info("stopped")
@@ -206,18 +209,21 @@ def _packed_cache(config: Config, topo, source):
     return Path(config.model.cache_dir or DEFAULT_CACHE_DIR).expanduser() / "packed" / key
 
 
-async def _run_http(config: Config, engine, t0: float, after_ready, listener: socket.socket) -> int:
+async def _run_http(config: Config, engine, t0: float, after_ready, listener: socket.socket, notifier) -> int:
     import uvicorn
 
     from kevlard import metrics, systemd
-    from kevlard.admin_token import remove_token_file, resolve_admin_token
+    from kevlard.admin_token import new_admin_token, remove_token_file, resolve_admin_token
     from kevlard.web.app import close_streams, create_app
     from kevlard.web.ops_api import metrics_route
 
-    admin_token, token_file = resolve_admin_token(config.server.admin_token, listener.getsockname()[1])
+    unwritten = None
+    try:
+        admin_token, token_file = resolve_admin_token(config.server.admin_token, listener.getsockname()[1])
+    except OSError as e:  # a read-only or full home: serve all the same, the token is printed below
+        admin_token, token_file, unwritten = new_admin_token(), None, e
     counting = metrics.attach(engine)
     app = create_app(engine, config, admin_token=admin_token, extra_routes=[metrics_route(engine.metrics)])
-    notifier = systemd.Notifier()
     exit_code = 0
     server = uvicorn.Server(uvicorn.Config(app, host=config.server.host, port=config.server.port,
                                            log_level="warning", access_log=False, lifespan="off",
@@ -260,6 +266,10 @@ async def _run_http(config: Config, engine, t0: float, after_ready, listener: so
     if token_file is not None:
         print(f"kevlard: admin token written to {token_file} (owner-only); dashboard: "
               f"http://{host}:{port}/?token={admin_token}", flush=True)
+    elif unwritten is not None:
+        log.warning("cannot write the admin token file (%s); the token is only in the dashboard link below",
+                    unwritten)
+        print(f"kevlard: dashboard: http://{host}:{port}/?token={admin_token}", flush=True)
     notifier.notify("READY=1", f"STATUS={status()}")
     watches = [asyncio.create_task(after_ready()), counting, asyncio.create_task(notifier.watchdog(status)),
                asyncio.create_task(_watch_capacity(engine, config.scheduler.no_route_wait_s, unrecoverable))]

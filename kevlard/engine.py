@@ -107,6 +107,8 @@ class KevlarEngine:
                 except StopRequested:  # a stop string: finished, though the scheduler still ends it below
                     if tracked is not None:
                         tracked.tokens(0, "stop")
+                    if not finished:  # (a last token already counted it)
+                        self.stats["requests_finished"] += 1
                     return
                 if finished:
                     return

@@ -308,13 +308,23 @@ def _converted_gguf(gguf_path: Path, cache_dir: str, progress: Callable[[str], A
             return target
         progress(f"removing incomplete cache {target}")
         shutil.rmtree(target, ignore_errors=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OSError(f"cannot create the model cache {target.parent} (model.cache_dir): "
+                      f"{error.strerror or error}") from error
     _remove_abandoned_tmp_dirs(target.parent)
     progress(f"converting GGUF {gguf_path.name} to safetensors in {target} (one time, ~20 s)")
     started = time.monotonic()
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
     try:
-        _write_gguf_conversion(gguf_path, tmp)
+        try:
+            _write_gguf_conversion(gguf_path, tmp)
+        except Exception as error:  # a full or read-only disk (safetensors raises its own type for it)
+            if not isinstance(error, OSError) and type(error).__name__ != "SafetensorError":
+                raise
+            raise OSError(f"cannot write the converted model to {target.parent} "
+                          f"(model.cache_dir): {error}") from error
         try:
             os.rename(tmp, target)  # atomic: a cache directory is complete or absent
         except OSError:

@@ -78,7 +78,7 @@ class Recovery:
             if now - self._lag_reported_at >= 1.0:
                 lag = self.engine.replica_lag()
                 if lag != self._last_lag:
-                    self.events.emit("replica_lag", None, tokens=lag)
+                    self.events.emit("replica_lag", None, level=logging.DEBUG, tokens=lag)  # streamed, not logged
                     self._last_lag = lag
                 self._lag_reported_at = now
 

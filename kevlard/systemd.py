@@ -21,10 +21,16 @@ DEFAULT_WATCHDOG_INTERVAL_S = 5.0  # $NOTIFY_SOCKET without $WATCHDOG_USEC: stat
 class Notifier:
     """Sends sd_notify messages to `$NOTIFY_SOCKET` (a path, or '@name' in the abstract namespace)."""
 
-    def __init__(self, environ: dict[str, str] | None = None) -> None:
+    def __init__(self, environ: dict[str, str] | None = None, unset_environment: bool = False) -> None:
+        """`unset_environment` (as sd_notify's): take the variables out of os.environ, so that no
+        process started from here on (the workers) inherits them and could speak for the service."""
         env = os.environ if environ is None else environ
-        self.address = _socket_address(env.get("NOTIFY_SOCKET", ""))
+        self.socket_name = env.get("NOTIFY_SOCKET", "")
+        self.address = _socket_address(self.socket_name)
         self.watchdog_interval_s = watchdog_interval(env) if self.address else None
+        if unset_environment and environ is None:
+            for key in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+                os.environ.pop(key, None)
         self._sock: socket.socket | None = None
         self._warned = False
 
@@ -45,7 +51,7 @@ class Notifier:
             return True
         except OSError as e:
             if not self._warned:
-                log.warning("cannot notify systemd at %r: %s", os.environ.get("NOTIFY_SOCKET"), e)
+                log.warning("cannot notify systemd at %r: %s", self.socket_name, e)
                 self._warned = True
             return False
 

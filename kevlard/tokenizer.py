@@ -216,6 +216,10 @@ def load_tokenizer(path: str | Path):
     except ValueError:
         from transformers import AutoTokenizer
 
+        files = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+        if not any((Path(path) / name).is_file() for name in files):
+            raise ValueError(f"{path} has no tokenizer: none of {', '.join(files)} is there "
+                             "(copy the model's tokenizer files next to its weights)") from None
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 

@@ -143,3 +143,12 @@ def test_status_unreachable_daemon_exits_1(capsys):
 
 def test_format_table_of_nothing():
     assert format_table([]) == "  (none)"
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1", "soon"])
+def test_fault_duration_must_be_a_finite_number_of_seconds(value, capsys):
+    """JSON has no NaN or infinity: refused by the argument parser, not a traceback on sending."""
+    with pytest.raises(SystemExit) as excinfo:
+        main(["fault", "--url", "http://127.0.0.1:9", "--worker", "0", "--kind", "slow", "--duration-s", value])
+    assert excinfo.value.code == 2
+    assert "--duration-s" in capsys.readouterr().err

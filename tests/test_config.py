@@ -89,6 +89,7 @@ def test_parse_devices():
         ('recovery = "pray"\n', {}, "recovery"),
         ("", {"log_format": "xml"}, "log_format"),
         ("", {"model.path": "/nonexistent/model.gguf"}, "model.path"),
+        ('[model]\ncache_dir = "/etc/passwd"\n', {}, "model.cache_dir"),  # a file, not a directory
     ],
 )
 def test_invalid_values_name_the_field(tmp_path, text, overrides, field):

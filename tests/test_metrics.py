@@ -136,6 +136,9 @@ def test_metrics_count_what_was_served_and_what_failed(model_dir, tmp_path):
         assert m.value("vllm:request_success_total", finished_reason="abort") == 0
         assert m.value("vllm:request_success_total", finished_reason="length") == 3 + 2
         assert m.value("kevlard_failures_total") == 0
+        # /api/cluster counts the same finished requests as /metrics, the stopped one with them
+        finished = sum(m.value("vllm:request_success_total", finished_reason=r) for r in ("stop", "length"))
+        assert httpx.get(url + "/api/cluster").json()["stats"]["requests_finished"] == finished
         # tokens sampled past the stop string in the same step count as generated, not as served
         assert generated + served <= m.value("vllm:generation_tokens_total") <= generated + 3 * 8
         generated = m.value("vllm:generation_tokens_total")

@@ -187,6 +187,10 @@ def test_daemon_notifies_systemd_and_ready_turns_503_while_a_stage_has_no_worker
 
             url = daemon.url
             routes = [pl["route"] for pl in httpx.get(url + "/api/cluster").json()["pipelines"]]
+            # only the daemon speaks for the service: no worker inherited the notify socket
+            for w in httpx.get(url + "/api/cluster").json()["workers"]:
+                with open(f"/proc/{w['pid']}/environ", "rb") as f:
+                    assert b"NOTIFY_SOCKET=" not in f.read(), f"worker {w['id']} can notify systemd"
             # every worker of stage 1 is killed, back to back: until a replacement worker has
             # hosted the stage (a few tenths of a second) no route exists. (Hangs are detected a
             # heartbeat check apart, long enough for the first one's replacement to restore a

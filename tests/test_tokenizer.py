@@ -269,3 +269,11 @@ def test_load_tokenizer_falls_back_to_transformers_for_what_it_does_not_mirror(t
     fallback = load_tokenizer(path)
     assert type(fallback).__module__.startswith("transformers.")
     assert fallback.encode("Hello world!") == Tokenizer.from_dir(tiny_dirs["tiny-llama"]).encode("Hello world!")
+
+
+def test_a_directory_without_tokenizer_files_says_so(tmp_path):
+    """Not transformers' 'install sentencepiece or tiktoken', which names neither the directory nor
+    what is missing."""
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(ValueError, match=f"{tmp_path} has no tokenizer: none of tokenizer.json"):
+        load_tokenizer(tmp_path)

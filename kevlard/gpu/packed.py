@@ -216,6 +216,7 @@ def _from_cache(cache_dir: Path, digest: str, path: Path) -> tuple[PackedEntry, 
         if data.stat().st_size != index["size"]:
             return None
         shutil.copyfile(data, path)  # the kernel copies; the file is new (its name has our pid)
+        os.chmod(path, 0o600)  # the weights are the owner's, as the weight store's segment is
         return entries
     except (OSError, ValueError, KeyError, TypeError):
         return None

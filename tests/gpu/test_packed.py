@@ -69,12 +69,15 @@ def test_a_stage_on_shared_packed_weights_computes_what_a_self_packing_one_does(
 def test_the_cache_is_used_and_rebuilt_when_it_no_longer_matches(tmp_path):
     source = source_of(tmp_path)
     cache = tmp_path / "packed"
+    modes = []
 
     def build():
         said = []
         store = HostWeightStore.create(source, "float32", f"c{len(os.listdir(tmp_path))}", shm_dir=str(tmp_path),
                                        packed_cache=cache, log=said.append)
-        with open(store.stage_handle(0, 4, True, True).packed_path, "rb") as f:
+        packed_path = store.stage_handle(0, 4, True, True).packed_path
+        modes.append(os.stat(packed_path).st_mode)
+        with open(packed_path, "rb") as f:
             data = f.read()
         store.close()
         return said[-1], data
@@ -86,6 +89,8 @@ def test_the_cache_is_used_and_rebuilt_when_it_no_longer_matches(tmp_path):
     assert not list(cache.glob("*.tmp-*"))
     again, same = build()
     assert "from the cache" in again and same == data
+    # the segment copied from the cache is the owner's alone, as the weight store's is
+    assert modes[-1] & 0o077 == 0, oct(modes[-1])
     # a cached layout oneDNN would not pick now (another CPU, another torch) is not used
     index = json.loads((cache / "index.json").read_text())
     index["entries"][0]["md"] = "00" + index["entries"][0]["md"][2:]

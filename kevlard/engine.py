@@ -252,6 +252,14 @@ class KevlarEngine:
             self._pump(p)
 
     def _pump(self, pipeline: int) -> None:
+        self._pump_route(pipeline)
+        # A schedule admits waiting requests to whichever pipeline has room, not only its own: one
+        # that had nothing in flight would hold them until some other event pumped it (a request
+        # once sat there, all else idle, until the next request arrived).
+        while self.scheduler.admitted:
+            self._pump_route(self.scheduler.admitted.pop())
+
+    def _pump_route(self, pipeline: int) -> None:
         if not self.cluster.route_alive(pipeline):
             return  # a worker of the route is gone: recovery reroutes first
         in_flight = sum(1 for plan, _, _ in self._dispatched.values() if plan.pipeline == pipeline)

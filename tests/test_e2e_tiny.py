@@ -111,3 +111,27 @@ def test_a_shared_prompt_prefix_is_served_from_the_cache_with_the_same_answers(m
     assert cached == 20
     assert [first["choices"][0]["token_ids"], second["choices"][0]["token_ids"]] == expected[:2]
     assert at_once == expected
+
+
+def test_requests_preempted_for_lack_of_kv_all_finish_on_whichever_pipeline_takes_them(models, tmp_path):
+    """Little KV, long answers: requests are preempted and taken back in by whichever pipeline has
+    room, often one with nothing in flight. That pipeline must start on them at once: a request once
+    sat there, every stream but it finished and nothing running, until the next request came in."""
+    conf = tmp_path / "kevlard.toml"
+    conf.write_text("[kv]\nblock_size = 4\nnum_blocks = 48\nreplication = false\n"
+                    "[scheduler]\nmax_batch_tokens = 32\n")
+    args = ["--config", str(conf), "--model", str(models["llama"]), "--devices", "cpu:2",
+            "--pipelines", "2", "--stages", "1", "--spares", "0"]
+    rng = random.Random(7)
+    with running_daemon(args, tmp_path) as daemon, daemon.client(timeout=60) as client:
+        for round_ in range(4):
+            bodies = [{"prompt": [rng.randrange(3, 300) for _ in range(rng.choice((4, 30, 60)))],
+                       "max_tokens": rng.choice((8, 90, 120)), "ignore_eos": True, "temperature": 0}
+                      for _ in range(10)]
+            with concurrent.futures.ThreadPoolExecutor(10) as pool:
+                answers = list(pool.map(lambda body: client.post("/v1/completions", json=body), bodies))
+            assert all(r.status_code == 200 for r in answers), [r.text for r in answers if r.status_code != 200]
+            assert [r.json()["usage"]["completion_tokens"] for r in answers] == [b["max_tokens"] for b in bodies]
+        cluster = client.get("/api/cluster").json()
+    assert cluster["stats"]["preemptions"] > 0  # the case this is about happened
+    assert cluster["num_running"] == 0 and cluster["kv_usage"] == 0.0

@@ -55,6 +55,7 @@ class Scheduler:
         # pipelines with a worker that has missed a few heartbeats (perhaps hung, not judged yet):
         # new requests go to the others while they have room
         self.quiet: set[int] = set()
+        self.admitted: set[int] = set()  # pipelines a request was admitted to since the engine last looked
         self.requests: dict[int, Request] = {}
         self.waiting: deque[Request] = deque()
         self.running: list[list[Request]] = [[] for _ in range(num_pipelines)]
@@ -134,6 +135,7 @@ class Scheduler:
             req.pipeline = p
             req.status = Status.RUNNING
             self.running[p].append(req)
+            self.admitted.add(p)
 
     # ---------------------------------------------------------------- one micro-batch
 

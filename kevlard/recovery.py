@@ -11,6 +11,7 @@ import logging
 import time
 
 from kevlard import messages as m
+from kevlard.restart import restart_pipeline
 from kevlard.scheduler.health import HealthMonitor
 
 log = logging.getLogger("kevlard.recovery")
@@ -22,6 +23,8 @@ QUIET_AFTER_INTERVALS = 3
 # A replacement spare that dies during start-up is spawned again after 0.5, 1, 2, 4 s; the fifth
 # failure in a row gives the device up (a broken device must not spawn workers in a loop).
 SPARE_ATTEMPTS, SPARE_RETRY_S = 5, 0.5
+# A stage whose rehosts keep failing is tried again 0.5, 1, 2 ... s later, at most 30 s apart.
+REHOST_RETRY_MAX_S = 30.0
 
 
 class Recovery:
@@ -40,10 +43,11 @@ class Recovery:
         self._tasks: set[asyncio.Task] = set()
         self._pending_restore: list[tuple[int, int, float]] = []  # (pipeline, stage, failed_at)
         self._last_lag, self._lag_reported_at = 0, 0.0
-        self._restarting: set[int] = set()  # pipelines being torn down and restarted
+        self.restarting: set[int] = set()  # pipelines being torn down and restarted
         self._restoring: set[tuple[int, int]] = set()  # (pipeline, stage) a spare is being brought in for
         self._pairing: set[tuple[int, int]] = set()  # (pipeline, stage) whose replica link is opening
-        self._holds: dict[int, int] = {}  # pipeline -> recovery steps holding it paused
+        self._holds: dict[int, int] = {}
+        self._rehost_failures: dict[tuple[int, int], int] = {}  # (pipeline, stage) -> rehosts failed in a row  # pipeline -> recovery steps holding it paused
 
     # ---------------------------------------------------------------- detection
 
@@ -104,13 +108,13 @@ class Recovery:
                 self.cluster.stop_replicating(self.cluster.routes[p][s], wid)
         for p, route in enumerate(self.cluster.routes):
             for s, owner in enumerate(route):
-                if owner != wid or p in self._restarting:
+                if owner != wid or p in self.restarting:
                     continue
                 self.engine.write_off_pipeline_steps(p)
                 self._hold(p)  # nothing new for this route until it is repaired
                 if self.config.recovery == "restart":
-                    self._restarting.add(p)
-                    self._spawn_task(self._released_after(p, self.restart_pipeline(p, failed_at)))
+                    self.restarting.add(p)
+                    self._spawn_task(self._released_after(p, restart_pipeline(self, p, failed_at)))
                 else:
                     self._spawn_task(self._recover(p, s, failed_at))
         if self.config.recovery != "restart" and w.ready is not None and w.ready.done():
@@ -222,6 +226,9 @@ class Recovery:
 
     async def _restore(self, p: int, s: int, failed_at: float) -> None:
         cluster, sched = self.cluster, self.scheduler
+        failures = self._rehost_failures.get((p, s), 0)
+        if failures:  # the last ones failed: a failure that repeats (a broken device) must not spin
+            await asyncio.sleep(min(REHOST_RETRY_MAX_S, SPARE_RETRY_S * 2 ** (failures - 1)))
         spare = cluster.take_spare()
         deadline = time.monotonic() + self.config.cluster.worker_start_timeout_s
         while spare is None and time.monotonic() < deadline:
@@ -272,9 +279,14 @@ class Recovery:
                             cluster.command(current, m.MoveKV(cluster.next_cmd_id(), spare, "send", "replica", blocks)),
                             cluster.command(spare, m.MoveKV(cluster.next_cmd_id(), current, "recv", "primary", blocks)))
                     handed_back = True
-                except Exception as e:  # the buddy died while handing back: the spare recomputes
+                except Exception as e:
+                    if cluster.workers[spare].state == "dead":
+                        raise  # the spare died: the pipeline stays on the buddy's replica, the next spare comes
+                    # the buddy died while handing back: the spare recomputes
                     self.events.emit("handback_failed", current, level=logging.WARNING, pipeline=p, stage=s,
                                      error=str(e))
+            if cluster.workers[spare].state != "rehosting":  # never switch the route to a dead worker
+                raise RuntimeError(f"worker {spare} failed before the route switched to it")
             if not handed_back:
                 sched.forget_replicas(p, s)
                 self._count_resumed(sched.resume_after_failover(p, s))
@@ -292,6 +304,7 @@ class Recovery:
                 cluster.workers[current].pipelines.discard(p)
             held = False
             self._release(p)
+            self._rehost_failures.pop((p, s), None)
             self.counters["rehosts"] += 1
             self.events.emit("restore", spare, pipeline=p, stage=s, route=list(route),
                              rehost_s=round(time.monotonic() - t0, 4),
@@ -300,6 +313,7 @@ class Recovery:
         except Exception as e:
             self.events.emit("rehost_failed", spare, level=logging.ERROR, pipeline=p, stage=s, error=str(e))
             cluster.fence(spare, "rehost_failed")
+            self._rehost_failures[(p, s)] = failures + 1
             if held:
                 self._release(p)
             self._pending_restore.append((p, s, failed_at))  # the next spare tries again
@@ -397,50 +411,6 @@ class Recovery:
             p, s, failed_at = self._pending_restore.pop(0)
             if self.cluster.routes[p][s] != wid and (not self.cluster.route_alive(p) or self.cluster.pool(p, s) != "primary"):
                 await self.restore(p, s, failed_at)
-
-    # ---------------------------------------------------------------- the baseline
-
-    async def restart_pipeline(self, p: int, failed_at: float) -> None:
-        """recovery = "restart": what today's engines do. The whole pipeline is torn down and
-        restarted from the weights on disk; its requests start again (replayed, not failed)."""
-        cluster, sched = self.cluster, self.scheduler
-        moved = len(sched.running[p])
-        sched.deactivate(p)
-        self.engine.pump_all()
-        old = list(cluster.routes[p])
-        self.events.emit("restart", None, level=logging.WARNING, pipeline=p, workers=old, requests_replayed=moved)
-        self.counters["requests_replayed"] += moved
-        for wid in old:
-            cluster.fence(wid, cluster.workers[wid].failure or "restart")
-        new = [cluster.spawn_worker(cluster.workers[wid].handle.device) for wid in old]
-        extra = self.config.cluster.restart_reload_extra_s
-        try:
-            if extra > 0:  # a benchmark's stand-in for a bigger model's reload
-                self.events.emit("restart_reload_emulated", None, pipeline=p, seconds=extra)
-                await asyncio.sleep(extra)
-            for wid in new:
-                await cluster.wait_ready(wid)
-                cluster.pin(wid, p)
-            await asyncio.gather(*(cluster.command(wid, self.stage_command(s, replica_pool=False, from_disk=True))
-                                   for s, wid in enumerate(new)))
-            for s, wid in enumerate(new):
-                w = cluster.workers[wid]
-                w.state, w.stage, w.pipelines = "healthy", s, {p}
-                w.layers = cluster.workers[old[s]].layers
-            cluster.routes[p] = new
-            await asyncio.gather(*(cluster.open_link(a, b) for a, b in zip(new, new[1:])))
-        except Exception as e:
-            self.events.emit("restart_failed", None, level=logging.ERROR, pipeline=p, error=str(e))
-            for wid in new:
-                cluster.fence(wid, "restart_failed")
-            self._restarting.discard(p)
-            return
-        self._restarting.discard(p)
-        self.counters["restarts"] += 1
-        took = time.monotonic() - failed_at
-        self.recovery_seconds.append(took)
-        self.events.emit("restore", None, pipeline=p, route=new, since_failure_s=round(took, 4), how="restart")
-        self.engine.pump_all()
 
     @property
     def busy(self) -> bool:

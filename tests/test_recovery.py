@@ -140,3 +140,70 @@ async def test_a_device_whose_spares_keep_dying_at_start_up_is_given_up(monkeypa
     failed = [kw for kind, _, kw in events if kind == "spare_failed"]
     assert len(failed) == SPARE_ATTEMPTS and failed[-1]["retry_in_s"] is None
     assert not any(w.state == "spare" for w in cluster.workers.values())
+
+
+def make_restore(spare_dies_in):
+    """Pipeline 0's stage-1 worker (1) died and the pipeline serves through its buddy 3's replica;
+    spare 4 restores it and dies in the command named `spare_dies_in`."""
+    recovery, cluster, events = make_recovery(ensure_link=None)
+    cluster.workers[1].state = "dead"
+    cluster.workers[4] = SimpleNamespace(state="spare", layers=None, pipelines=set(), stage=None)
+    for w in cluster.workers.values():
+        w.layers, w.pipelines = (3, 6), set()
+    cluster.routes, cluster.pools, cluster.replication = [[0, 3], [2, 3]], {(0, 1): "replica"}, False
+    fenced, ids = [], iter(range(1000))
+
+    def take_spare():
+        cluster.workers[4].state = "rehosting"
+        return 4
+
+    async def command(wid, msg):
+        await asyncio.sleep(0)
+        if wid == 4 and type(msg).__name__ == spare_dies_in:
+            cluster.workers[4].state = "dead"
+            raise RuntimeError("worker 4 died (exit code -9)")
+        return {}
+
+    async def link(*args):
+        await asyncio.sleep(0)
+
+    cluster.take_spare, cluster.command, cluster.ensure_link, cluster.open_link = take_spare, command, link, link
+    cluster.pin = lambda *a: None
+    cluster.pool = lambda p, s: cluster.pools.get((p, s), "primary")
+    cluster.fence = lambda wid, why: fenced.append((wid, why))
+    cluster.next_cmd_id = lambda: next(ids)
+    cluster.route_alive = lambda p: all(cluster.workers[w].state == "healthy" for w in cluster.routes[p])
+    recovery.scheduler.block_ids_of = lambda p: [5, 6]
+    recovery.stage_command = lambda s, replica_pool=False: SimpleNamespace(cmd_id=next(ids))
+    return recovery, cluster, events
+
+
+async def test_a_spare_that_dies_while_the_kv_is_handed_back_is_not_switched_to():
+    """The route stays on the buddy, whose replica keeps the requests (nothing replayed), and no dead
+    worker is marked healthy (it was, then fenced again as hung a second later, and a second
+    replacement spare was spawned for the one death)."""
+    recovery, cluster, events = make_restore(spare_dies_in="MoveKV")
+    await recovery.restore(0, 1, failed_at=0.0)
+    assert cluster.routes[0] == [0, 3] and cluster.pools == {(0, 1): "replica"}
+    assert cluster.workers[4].state == "dead"
+    assert recovery.counters["rehosts"] == 0 and [kind for kind, *_ in events][-1] == "rehost_failed"
+    assert not any(call[0] == "resume_after_failover" for call in recovery.scheduler.calls)
+    assert recovery._pending_restore == [(0, 1, 0.0)]  # the next spare restores it
+
+
+async def test_repeated_rehost_failures_of_a_stage_back_off(monkeypatch):
+    """A rehost that fails the same way every time (a broken device, a worker that cannot host) must
+    not spawn and fence workers in a tight loop: each retry of the stage waits longer."""
+    slept = []
+
+    async def sleep(seconds):
+        if seconds:  # (not the fake commands' yields)
+            slept.append(seconds)
+
+    recovery, cluster, events = make_restore(spare_dies_in="SimpleNamespace")
+    monkeypatch.setattr("kevlard.recovery.asyncio.sleep", sleep)
+    for _ in range(4):
+        cluster.workers[4].state = "spare"
+        await recovery.restore(0, 1, failed_at=0.0)
+    assert slept == [0.5, 1.0, 2.0]
+    assert [kind for kind, *_ in events].count("rehost_failed") == 4

@@ -41,6 +41,7 @@ class WorkerState:
 
 
 SHM_DIR = "/dev/shm"
+RELEASE_AFTER_S = 2.0  # a dead worker's handle is closed this long after its death (then retried)
 DEAD_SHOWN = 8  # dead workers listed in a snapshot: the most recent ones
 
 
@@ -316,7 +317,18 @@ class Cluster:
         for cmd_id, (owner, fut) in list(self._pending.items()):
             if owner == wid and not fut.done():
                 fut.set_exception(WorkerStartError(f"worker {wid} died (exit code {w.handle.exitcode})"))
+        for other in self.workers.values():  # their links to it: threads, sockets and pipes each
+            if other.state not in ("dead", "stopped"):
+                other.handle.send(m.CloseLink(self.next_cmd_id(), wid, "all"))
+        self.loop.call_later(RELEASE_AFTER_S, self._release, wid)
         self.on_death(wid)
+
+    def _release(self, wid: int) -> None:
+        """A dead worker's channel and process handle are closed once it has exited: a daemon that
+        outlives thousands of failures must not keep their file descriptors."""
+        w = self.workers.get(wid)
+        if w is not None and not w.handle.release() and not self.stopping:
+            self.loop.call_later(RELEASE_AFTER_S, self._release, wid)  # not reaped yet
 
     # ---------------------------------------------------------------- views and shutdown
 
@@ -363,7 +375,8 @@ class Cluster:
             w.handle.send(m.Shutdown())
         deadline = time.monotonic() + timeout_s
         for w in workers:
-            w.handle.process.join(max(0.0, deadline - time.monotonic()))
+            if not w.handle.released:
+                w.handle.process.join(max(0.0, deadline - time.monotonic()))
         for w in workers:
             w.handle.stop(1.0)
         if self.links_dir is not None:

@@ -29,21 +29,40 @@ class WorkerHandle:
         self._send_lock = threading.Lock()
         self._reader: threading.Thread | None = None
         self.closed = False
+        self.released = False  # channel and process handle closed (release)
+        self._pid: int | None = None
+        self._exitcode: int | None = None
 
     @property
     def pid(self) -> int | None:
-        return self.process.pid
+        return self._pid if self.released else self.process.pid
 
     @property
     def sentinel(self) -> int:
         return self.process.sentinel
 
     def is_alive(self) -> bool:
-        return self.process.is_alive()
+        return not self.released and self.process.is_alive()
 
     @property
     def exitcode(self) -> int | None:
-        return self.process.exitcode
+        return self._exitcode if self.released else self.process.exitcode
+
+    def release(self) -> bool:
+        """The worker has exited: close its channel and process handle (their file descriptors);
+        pid and exit code stay readable. False while it still runs or is not reaped yet."""
+        if self.released:
+            return True
+        self.process.join(0)
+        if self.process.exitcode is None:
+            return False
+        self._pid, self._exitcode = self.process.pid, self.process.exitcode
+        with self._send_lock:
+            self.closed = True
+            self.conn.close()
+        self.process.close()
+        self.released = True
+        return True
 
     def send(self, msg: object) -> bool:
         """Send a message; False if the channel is gone (the worker died)."""
@@ -72,7 +91,7 @@ class WorkerHandle:
 
     def kill(self) -> None:
         """SIGKILL the process if it still runs (fencing); the channel closes with it."""
-        if self.process.pid is not None and self.process.is_alive():
+        if not self.released and self.process.pid is not None and self.process.is_alive():
             try:
                 os.kill(self.process.pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -86,6 +105,8 @@ class WorkerHandle:
         import platform
 
         number = _TGKILL.get(platform.machine())
+        if self.released:
+            return False
         pid = self.process.pid
         if number is None or pid is None or not self.process.is_alive():
             return False
@@ -94,6 +115,8 @@ class WorkerHandle:
 
     def stop(self, timeout_s: float) -> None:
         """Ask the worker to exit, SIGKILL it if it has not within timeout_s, and close the channel."""
+        if self.released:
+            return
         self.send(m.Shutdown())
         self.process.join(timeout_s)
         if self.process.is_alive():

@@ -84,3 +84,33 @@ def test_spares_killed_during_their_start_up_are_spawned_again_and_capacity_come
         wait_for_log(daemon, r"event spare_failed .*attempt=2 ")
         assert snap["recovery"]["rehosts"] >= 1
         assert snap["ready"] is True
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def threads(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def test_a_long_lived_daemon_and_workers_keep_nothing_of_the_workers_that_died(model_dir, tmp_path):
+    """Six deaths of the worker next to the same long-lived one: the daemon closes each dead
+    worker's channel and process handle, and the survivor closes its links to it (each a Gloo group:
+    threads, sockets, pipes). Before, the daemon kept ~2.6 descriptors per dead worker (it would run
+    out of them after a few hundred failures) and the survivor ~4 descriptors and 3 threads."""
+    with running_daemon(daemon_args(model_dir, tmp_path), tmp_path) as daemon:
+        url = daemon.url
+        snap = httpx.get(url + "/api/cluster").json()
+        survivor = next(w for w in snap["workers"] if w["id"] == snap["pipelines"][0]["route"][0])
+        before = open_fds(daemon.proc.pid), open_fds(survivor["pid"]), threads(survivor["pid"])
+        for _ in range(6):
+            victim = httpx.get(url + "/api/cluster").json()["pipelines"][0]["route"][1]
+            inject(url, victim, "kill")
+            wait_restored(url, gone=victim)
+        time.sleep(3)  # (a dead worker's handle is closed 2 s after its death)
+        after = open_fds(daemon.proc.pid), open_fds(survivor["pid"]), threads(survivor["pid"])
+        assert httpx.get(url + "/api/cluster").json()["recovery"]["failures"] == 6
+    assert after[0] <= before[0] + 4, f"daemon: {before[0]} fds before, {after[0]} after six deaths"
+    assert after[1] <= before[1] + 4, f"survivor: {before[1]} fds before, {after[1]} after six neighbour deaths"
+    assert after[2] <= before[2] + 2, f"survivor: {before[2]} threads before, {after[2]} after"

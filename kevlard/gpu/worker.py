@@ -216,11 +216,21 @@ class Worker:
             os._exit(0)  # the daemon is gone
 
     def _close_link(self, msg: m.CloseLink) -> dict:
+        """Close the link of `purpose` to the peer, or with purpose "all" every link to it (it died:
+        each holds a Gloo group's threads, sockets and pipes, which a long-lived worker must not keep
+        for every neighbour that ever died)."""
         with self._links_lock:
-            for key in ((msg.purpose, msg.peer), ("repl-out", msg.peer)):
-                self._opening.pop(key, None)
-            link = self.links.pop((msg.purpose, msg.peer), None) or self.links.pop(("repl-out", msg.peer), None)
-        if link is not None:
+            if msg.purpose == "all":
+                for key in [key for key in self._opening if key[1] == msg.peer]:
+                    del self._opening[key]
+                links = [self.links.pop(key) for key in [key for key in self.links if key[1] == msg.peer]]
+                self.replica_receivers.pop(msg.peer, None)  # its thread ends as its link closes
+            else:
+                for key in ((msg.purpose, msg.peer), ("repl-out", msg.peer)):
+                    self._opening.pop(key, None)
+                link = self.links.pop((msg.purpose, msg.peer), None) or self.links.pop(("repl-out", msg.peer), None)
+                links = [link] if link is not None else []
+        for link in links:
             link.close()
             sender = self.replica_sender
             if sender is not None and sender.link is link:

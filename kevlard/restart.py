@@ -10,7 +10,10 @@ import logging
 import time
 
 
-async def restart_pipeline(recovery, p: int, failed_at: float) -> None:
+RETRY_S, RETRY_MAX_S = 0.5, 30.0  # a failed restart is tried again 0.5 s, 1 s, 2 s ... later
+
+
+async def restart_pipeline(recovery, p: int, failed_at: float, attempt: int = 0) -> None:
     """recovery = "restart": what today's engines do. The whole pipeline is torn down and
     restarted from the weights on disk; its requests start again (replayed, not failed)."""
     cluster, sched = recovery.cluster, recovery.scheduler
@@ -39,11 +42,14 @@ async def restart_pipeline(recovery, p: int, failed_at: float) -> None:
             w.layers = cluster.workers[old[s]].layers
         cluster.routes[p] = new
         await asyncio.gather(*(cluster.open_link(a, b) for a, b in zip(new, new[1:])))
-    except Exception as e:
-        recovery.events.emit("restart_failed", None, level=logging.ERROR, pipeline=p, error=str(e))
+    except Exception as e:  # (a new worker killed or failing as it started): tried again, later each time
+        retry_in = min(RETRY_MAX_S, RETRY_S * 2 ** attempt)
+        recovery.events.emit("restart_failed", None, level=logging.ERROR, pipeline=p, error=str(e),
+                             retry_in_s=retry_in)
         for wid in new:
             cluster.fence(wid, "restart_failed")
-        recovery.restarting.discard(p)
+        await asyncio.sleep(retry_in)
+        await restart_pipeline(recovery, p, failed_at, attempt + 1)
         return
     recovery.restarting.discard(p)
     recovery.counters["restarts"] += 1

@@ -207,3 +207,41 @@ async def test_repeated_rehost_failures_of_a_stage_back_off(monkeypatch):
         await recovery.restore(0, 1, failed_at=0.0)
     assert slept == [0.5, 1.0, 2.0]
     assert [kind for kind, *_ in events].count("rehost_failed") == 4
+
+
+async def test_a_restart_that_fails_is_tried_again(monkeypatch):
+    """recovery = "restart": a new worker killed while it starts left the pipeline down for good."""
+    from kevlard.restart import restart_pipeline
+
+    monkeypatch.setattr("kevlard.restart.RETRY_S", 0.001)
+    recovery, cluster, events = make_recovery(ensure_link=None)
+    cluster.workers[1].state = "dead"
+    for w in cluster.workers.values():
+        w.handle, w.failure, w.layers = SimpleNamespace(device="cpu:1"), None, (3, 6)
+    recovery.restarting.add(0)
+    spawned = []
+
+    def spawn_worker(device):
+        wid = 10 + len(spawned)
+        spawned.append(wid)
+        cluster.workers[wid] = SimpleNamespace(state="starting", handle=SimpleNamespace(device=device),
+                                               failure=None, layers=None)
+        return wid
+
+    async def wait_ready(wid):
+        if wid == 10:  # the first new worker dies starting up
+            raise RuntimeError(f"worker {wid} died during start-up with exit code -9")
+
+    async def command(wid, msg):
+        return {}
+
+    async def open_link(a, b, purpose="act"):
+        return None
+
+    cluster.spawn_worker, cluster.wait_ready, cluster.command, cluster.open_link = spawn_worker, wait_ready, command, open_link
+    cluster.fence, cluster.pin = (lambda wid, why: None), (lambda wid, p: None)
+    recovery.stage_command = lambda s, replica_pool=False, from_disk=False: None
+    await restart_pipeline(recovery, 0, failed_at=0.0)
+    assert [kind for kind, *_ in events].count("restart_failed") == 1
+    assert cluster.routes[0] == [12, 13] and recovery.counters["restarts"] == 1
+    assert 0 not in recovery.restarting

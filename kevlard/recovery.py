@@ -259,9 +259,15 @@ class Recovery:
             # every link the switch needs is opened while the pipeline still serves, all at once
             rewiring = asyncio.ensure_future(self._rewire_replicas(p, s, spare, current))
             try:
-                await asyncio.gather(*links)
+                opened = await asyncio.gather(*links, return_exceptions=True)
             finally:
                 switch_replicas = await rewiring
+            failed = [r for r in opened if isinstance(r, BaseException)]
+            if hand_back and failed and failed[-1] is opened[-1] and cluster.workers[current].state == "dead":
+                failed.pop()  # the buddy died meanwhile: no KV to take back, the spare recomputes it
+                hand_back = False
+            if failed:
+                raise failed[0]
             t_links = time.monotonic()
             phases["links_s"] = round(t_links - t0 - phases["host_s"], 3)
             # hand the KV back: hold the pipeline, let its in-flight steps land, copy, switch
@@ -329,9 +335,10 @@ class Recovery:
             return lambda: None
         P = len(cluster.routes)
         nxt, prv = cluster.routes[(p + 1) % P][s], cluster.routes[(p - 1) % P][s]
-        opening = []
+        opening, peers = [], []
         if cluster.workers[nxt].state == "healthy" and nxt != spare:
             opening.append(cluster.open_link(spare, nxt, "repl"))
+            peers.append(nxt)
 
             def outgoing() -> None:
                 if cluster.workers[nxt].state != "healthy":
@@ -345,6 +352,7 @@ class Recovery:
             changes.append(outgoing)
         if cluster.workers[prv].state == "healthy" and prv != spare and cluster.pool((p - 1) % P, s) == "primary":
             opening.append(cluster.open_link(prv, spare, "repl"))
+            peers.append(prv)
 
             def incoming() -> None:
                 q = (p - 1) % P
@@ -354,7 +362,11 @@ class Recovery:
                 self.scheduler.new_replica_holder(q, s)  # nothing is there yet: the source backfills it
                 cluster.workers[prv].handle.send(m.Backfill(q, s, self.scheduler.backfill_spans(q)))
             changes.append(incoming)
-        await asyncio.gather(*opening)
+        for peer, result in zip(peers, await asyncio.gather(*opening, return_exceptions=True)):
+            # a peer that died meanwhile keeps no replica (the changes check that at the switch)
+            if isinstance(result, BaseException) and not (cluster.workers[peer].state == "dead"
+                                                           and cluster.workers[spare].state != "dead"):
+                raise result
         return lambda: [change() for change in changes]
 
     async def pair_replicas(self) -> None:

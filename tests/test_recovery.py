@@ -245,3 +245,21 @@ async def test_a_restart_that_fails_is_tried_again(monkeypatch):
     assert [kind for kind, *_ in events].count("restart_failed") == 1
     assert cluster.routes[0] == [12, 13] and recovery.counters["restarts"] == 1
     assert 0 not in recovery.restarting
+
+
+async def test_a_buddy_that_dies_while_a_spare_restores_its_stage_does_not_cost_the_spare():
+    """The spare serves the stage all the same; the requests the buddy's replica held are recomputed.
+    (It was fenced as rehost_failed, and the stage waited for yet another spare.)"""
+    recovery, cluster, events = make_restore(spare_dies_in=None)
+
+    async def open_link(a, b, purpose="act"):
+        await asyncio.sleep(0)
+        if purpose == "xfer":
+            cluster.workers[3].state = "dead"
+            raise RuntimeError("worker 3 died (exit code -9)")
+
+    cluster.open_link = open_link
+    await recovery.restore(0, 1, failed_at=0.0)
+    assert cluster.routes[0] == [0, 4] and cluster.workers[4].state == "healthy"
+    assert recovery.counters["rehosts"] == 1 and "rehost_failed" not in [kind for kind, *_ in events]
+    assert ("resume_after_failover", 0, 1) in recovery.scheduler.calls

@@ -323,6 +323,7 @@ class Recovery:
             if held:
                 self._release(p)
             self._pending_restore.append((p, s, failed_at))  # the next spare tries again
+            self._spawn_task(self.take_pending_restores())  # (one may stand by already)
         self.engine.pump_all()
 
     async def _rewire_replicas(self, p: int, s: int, spare: int, previous: int):
@@ -419,9 +420,16 @@ class Recovery:
         if self.cluster.workers[wid].state == "starting":
             self.cluster.workers[wid].state = "spare"
             self.events.emit("worker_state", wid, state="spare", device=device)
-        while self._pending_restore and self.cluster.workers[wid].state == "spare":
+        await self.take_pending_restores()
+
+    async def take_pending_restores(self) -> None:
+        """Stages waiting for a spare get one while any stands by: not only when a new spare comes up
+        (the one replacing a spare that died restoring a stage can be ready before that restore has
+        failed and queued the stage again, which then waited for some later failure)."""
+        cluster = self.cluster
+        while self._pending_restore and any(w.state == "spare" for w in cluster.workers.values()):
             p, s, failed_at = self._pending_restore.pop(0)
-            if self.cluster.routes[p][s] != wid and (not self.cluster.route_alive(p) or self.cluster.pool(p, s) != "primary"):
+            if cluster.workers[cluster.routes[p][s]].state != "healthy" or cluster.pool(p, s) != "primary":
                 await self.restore(p, s, failed_at)
 
     @property

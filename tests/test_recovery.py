@@ -263,3 +263,32 @@ async def test_a_buddy_that_dies_while_a_spare_restores_its_stage_does_not_cost_
     assert cluster.routes[0] == [0, 4] and cluster.workers[4].state == "healthy"
     assert recovery.counters["rehosts"] == 1 and "rehost_failed" not in [kind for kind, *_ in events]
     assert ("resume_after_failover", 0, 1) in recovery.scheduler.calls
+
+
+async def test_a_stage_whose_spare_died_restoring_it_is_taken_by_a_spare_already_standing_by(monkeypatch):
+    """Spare 4 dies hosting the stage; spare 5 (say, 4's replacement, ready before 4's restore
+    noticed) stands by: it restores the stage now, not at some later failure."""
+    monkeypatch.setattr("kevlard.recovery.SPARE_RETRY_S", 0.001)
+    recovery, cluster, events = make_restore(spare_dies_in="SimpleNamespace")
+    cluster.workers[5] = SimpleNamespace(state="spare", layers=(3, 6), pipelines=set(), stage=None)
+    commands = cluster.command
+
+    def take_spare():
+        wid = min((w for w, x in cluster.workers.items() if x.state == "spare"), default=None)
+        if wid is not None:
+            cluster.workers[wid].state = "rehosting"
+        return wid
+
+    async def command(wid, msg):
+        if wid == 5:
+            return {}
+        return await commands(wid, msg)
+
+    cluster.take_spare, cluster.command = take_spare, command
+    recovery.engine.pump_all = lambda: None
+    await recovery.restore(0, 1, failed_at=0.0)
+    for _ in range(50):  # the pending restore runs as a task of its own
+        await asyncio.sleep(0.01)
+        if recovery.counters["rehosts"]:
+            break
+    assert cluster.routes[0] == [0, 5] and recovery.counters["rehosts"] == 1

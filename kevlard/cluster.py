@@ -37,6 +37,7 @@ class WorkerState:
     pipelines: set[int] = field(default_factory=set)
     last_heartbeat: float = 0.0
     steps_done: int = 0
+    computing_s: float = 0.0  # its last heartbeat: how long its current step had computed
     ready: asyncio.Future | None = None
 
 
@@ -287,7 +288,7 @@ class Cluster:
         if w is None:
             return
         if isinstance(msg, m.Heartbeat):
-            w.steps_done = msg.steps_done
+            w.steps_done, w.computing_s = msg.steps_done, msg.computing_s
         elif isinstance(msg, m.WorkerReady):
             w.last_heartbeat = time.monotonic()
             if not w.ready.done():

@@ -130,6 +130,7 @@ class Heartbeat:
     worker_id: int
     sent_at: float  # time.monotonic() in the worker is not comparable; the daemon stamps arrival
     steps_done: int = 0
+    computing_s: float = 0.0  # how long the step it computes has run since its input came (0: none)
 
 
 @dataclass(frozen=True)

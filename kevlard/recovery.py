@@ -76,6 +76,9 @@ class Recovery:
                 self.events.emit("failure", wid, level=logging.WARNING, reason=kind,
                                  heartbeat_age_s=round(now - beats[wid][1], 3))
                 self.cluster.fence(wid, kind)
+            for wid in self.monitor.stuck_workers({w: (x.state, x.computing_s) for w, x in self.cluster.workers.items()}):
+                self.events.emit("failure", wid, level=logging.WARNING, reason="step_timeout")
+                self.cluster.fence(wid, "step_timeout")  # computing one step that long: a stuck device
             for step_id in self.monitor.late_steps(now, self.engine.dispatched_at()):
                 self.events.emit("step_deadline", None, level=logging.WARNING, step=step_id)
                 self.engine.write_off_step(step_id)

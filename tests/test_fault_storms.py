@@ -114,3 +114,19 @@ def test_a_long_lived_daemon_and_workers_keep_nothing_of_the_workers_that_died(m
     assert after[0] <= before[0] + 4, f"daemon: {before[0]} fds before, {after[0]} after six deaths"
     assert after[1] <= before[1] + 4, f"survivor: {before[1]} fds before, {after[1]} after six neighbour deaths"
     assert after[2] <= before[2] + 2, f"survivor: {before[2]} threads before, {after[2]} after"
+
+
+def test_a_worker_computing_one_step_past_the_step_timeout_is_fenced_and_nothing_is_lost(
+        model_dir, reference, tmp_path):
+    """A device stuck in a kernel (here: made slow past `step_timeout_s`) stops no heartbeat: the
+    worker reports how long its step has computed, and the daemon fences it as it would a hung one.
+    Before, the late steps were only run again, as slowly, until every request failed."""
+    args = daemon_args(model_dir, tmp_path, extra="[scheduler]\nstep_timeout_s = 0.15\n")
+    with running_daemon(args, tmp_path) as daemon:
+        url = daemon.url
+        victim = httpx.get(url + "/api/cluster").json()["pipelines"][0]["route"][1]
+        assert_same(run_load(url, lambda: inject(url, victim, "slow", 30.0)), reference)
+        snap = wait_restored(url, gone=victim)
+        dead = {w["id"]: w for w in snap["workers"] if w["state"] == "dead"}
+        assert dead[victim]["failure"] == "step_timeout", dead
+        assert re.search(rf"event failure worker={victim} reason=step_timeout", daemon.log())

@@ -39,6 +39,9 @@ class Worker:
         self.replication_interval_s = 1.0
         self.replica_receivers: dict[int, object] = {}
         self.steps_done = 0
+        # when the step it computes got its input (not while it waits for it, nor while it sends):
+        # a device stuck in a kernel stops no heartbeat, this tells the daemon (step_timeout_s)
+        self.computing_since: float | None = None
         self._written = None  # (replica sender, pipeline, stage, chunks) of the step being run
         self.hung = threading.Event()
         self.released = False  # a signalled hang ends when this turns true (RELEASE_SIGNAL)
@@ -59,7 +62,9 @@ class Worker:
             if self.hung.is_set():
                 continue
             try:
-                self.send(m.Heartbeat(self.id, time.time(), self.steps_done))
+                since = self.computing_since
+                self.send(m.Heartbeat(self.id, time.time(), self.steps_done,
+                                      time.monotonic() - since if since is not None else 0.0))
             except (OSError, EOFError, BrokenPipeError):
                 os._exit(0)  # the daemon is gone
 
@@ -292,8 +297,6 @@ class Worker:
         try:
             t0 = time.perf_counter()
             sampled = self._run_step(step)
-            if self.slow_s and time.monotonic() < self.slow_until:
-                time.sleep(self.slow_s)
             self.steps_done += 1
             self.send(m.StepDone(self.id, step.step_id, sampled, time.perf_counter() - t0))
             if self._written is not None:
@@ -302,9 +305,11 @@ class Worker:
                 sender, pipeline, stage, chunks = self._written
                 sender.enqueue(pipeline, stage, chunks)
         except LinkError as e:
+            self.computing_since = None
             self._abort_downstream(step)
             self.send(m.StepFailed(self.id, step.step_id, str(e)))
         except Exception as e:
+            self.computing_since = None
             if self.device.type == "cuda" and "CUDA" in str(e):
                 self.send(m.WorkerFailure(self.id, "device_error", str(e)))
                 os._exit(3)
@@ -349,15 +354,21 @@ class Worker:
         else:
             hidden = self.links[("act", step.recv_from)].recv_step(step.step_id, hidden_size, stage.dtype)
             hidden = hidden.to(self.device)
+        self.computing_since = time.monotonic()
+        if self.slow_s and time.monotonic() < self.slow_until:  # an injected slow device
+            time.sleep(self.slow_s)
         hidden = stage.forward(hidden, views, positions_t, kv)  # [T, H]
         if step.replicate and self.replica_sender is not None and step.pool == "primary":
             self._written = (self.replica_sender, step.pipeline, self._stage_index(), chunks)
         if step.send_to is not None:
+            hidden = hidden.cpu()
+            self.computing_since = None  # sending waits for the next stage: not this one's time
             self._sent_downstream = True
-            self.links[("act", step.send_to)].send_step(step.step_id, hidden.cpu())
+            self.links[("act", step.send_to)].send_step(step.step_id, hidden)
             return ()
         rows = [v.offset + v.num_tokens - 1 for v, c in zip(views, chunks) if c.sample]
         if not rows:
+            self.computing_since = None
             return ()
         logits = stage.logits(hidden[torch.tensor(rows, device=self.device)])  # [S, V]
         out, i = [], 0
@@ -370,6 +381,7 @@ class Worker:
                     token = SAMPLING_FAILED
                 out.append((c.req_id, token))
                 i += 1
+        self.computing_since = None
         return tuple(out)
 
     def _stage(self):

@@ -43,5 +43,11 @@ class HealthMonitor:
         it sees may be old only because the daemon did not read them: then it must not judge."""
         return late_s > interval_s
 
+    def stuck_workers(self, computing: dict[int, tuple[str, float]]) -> list[int]:
+        """Serving workers that have computed one step for longer than the step timeout: a device
+        stuck in a kernel releases the interpreter, so the heartbeat thread goes on beating."""
+        return [wid for wid, (state, seconds) in computing.items()
+                if state == "healthy" and seconds > self.step_timeout_s]
+
     def late_steps(self, now: float, dispatched_at: dict[int, float]) -> list[int]:
         return [step for step, sent in dispatched_at.items() if now - sent > self.step_timeout_s]

@@ -38,3 +38,9 @@ def test_a_spare_hosting_a_stage_gets_longer_before_it_is_judged_hung():
     assert m.stale_workers(12.0, beats) == [(1, "hang")]
     assert m.stale_workers(20.5, beats) == [(0, "hang"), (1, "hang")]
     assert m.next_expiry({0: ("rehosting", 10.0)}) == 20.0
+
+
+def test_a_serving_worker_computing_one_step_past_the_step_timeout_is_stuck():
+    m = HealthMonitor(heartbeat_timeout_s=1.0, step_timeout_s=30.0)
+    computing = {0: ("healthy", 31.0), 1: ("healthy", 29.0), 2: ("dead", 99.0), 3: ("spare", 0.0)}
+    assert m.stuck_workers(computing) == [0]

@@ -106,8 +106,11 @@ def section_serving(bench: Path, t: Targets) -> list[str]:
                           for k, p in rounds if p) if r is not None]
     ratio = statistics.median(ratios) if ratios else None
     each = f" (rounds: {', '.join(f'{r:.2f}' for r in ratios)})" if len(ratios) > 1 else ""
+    speeds = [", ".join(f"{_summary(run, 'output_tokens_per_s'):.0f}" for run in side if run)
+              for side in zip(*rounds)]
     t.add("throughput >= 1.5x the peer's (issue 2)", _f(ratio, ".2f", "x") + each,
-          None if ratio is None else ratio >= 1.5, WHY["serving"])
+          None if ratio is None else ratio >= 1.5,
+          WHY["serving"].format(kevlard=speeds[0], peer=speeds[1]) if len(speeds) == 2 else WHY["serving"])
     p99s = [(_summary(k, "latency_p99_s"), _summary(p, "latency_p99_s")) for k, p in rounds if p]
     if p99s:
         shown = "; ".join(f"{_f(a)} s vs {_f(b)} s" for a, b in p99s)

@@ -14,10 +14,11 @@ WHY = {
     "kill_probe": "until the spare takes over (a few tenths of a second later) the buddy computes its stage "
                   "for both pipelines, and the probe queues behind the resumed requests' steps on two shared "
                   "cores; the failure-free run's own p99 TTFT at this load was {ff_ttft_p99:.3f} s",
-    "serving": "kevlard's tokens/s depends on the state of the host more than the peer's: the same code served "
-               "about 160 tokens/s on this VM earlier on 2026-12-05 (1.60x) and 125 in the evening, old and new "
-               "code alike (docs/bench/ANALYSIS.md, eighth session), while the peer stayed at 95-105; the peer "
-               "alone also varies by about 25 % from run to run",
+    "serving": "in these rounds kevlard served {kevlard} output tokens/s and the peer {peer}; each moves with the "
+               "state of this shared VM, separately: the earlier make benches of 2026-12-05 had kevlard at 163 "
+               "and 125 (an A/B of their two codes on one host gave the same: docs/bench/ANALYSIS.md, eighth "
+               "session) and the peer at 95-105 both times; in this run the peer was about 30 % faster than "
+               "in those, kevlard not",
     "hang_probe": "the probe, sent at the moment of the hang, went to the hung pipeline and waited out the "
                   "detection (the heartbeat timeout after the last heartbeat), then its replay and the resumed "
                   "requests' steps on two shared cores; a probe sent to the other pipeline answers in about 0.1 s",

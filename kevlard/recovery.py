@@ -12,7 +12,7 @@ import time
 
 from kevlard import messages as m
 from kevlard.restart import restart_pipeline
-from kevlard.scheduler.health import HealthMonitor
+from kevlard.scheduler.health import HealthMonitor, retry_pause_s
 
 log = logging.getLogger("kevlard.recovery")
 
@@ -20,11 +20,9 @@ log = logging.getLogger("kevlard.recovery")
 # 1 s) gets no new requests while another pipeline has room: a request sent just after a hang
 # otherwise waits out the detection on the hung pipeline (the issue 3 benchmark's hang probe did).
 QUIET_AFTER_INTERVALS = 3
-# A replacement spare that dies during start-up is spawned again after 0.5, 1, 2, 4 s; the fifth
-# failure in a row gives the device up (a broken device must not spawn workers in a loop).
-SPARE_ATTEMPTS, SPARE_RETRY_S = 5, 0.5
-# A stage whose rehosts keep failing is tried again 0.5, 1, 2 ... s later, at most 30 s apart.
-REHOST_RETRY_MAX_S = 30.0
+# A replacement spare that dies during start-up is spawned again (after health.retry_pause_s); the
+# fifth failure in a row gives the device up.
+SPARE_ATTEMPTS = 5
 
 
 class Recovery:
@@ -46,8 +44,8 @@ class Recovery:
         self.restarting: set[int] = set()  # pipelines being torn down and restarted
         self._restoring: set[tuple[int, int]] = set()  # (pipeline, stage) a spare is being brought in for
         self._pairing: set[tuple[int, int]] = set()  # (pipeline, stage) whose replica link is opening
-        self._holds: dict[int, int] = {}
-        self._rehost_failures: dict[tuple[int, int], int] = {}  # (pipeline, stage) -> rehosts failed in a row  # pipeline -> recovery steps holding it paused
+        self._holds: dict[int, int] = {}  # pipeline -> recovery steps holding it paused
+        self._rehost_failures: dict[tuple[int, int], int] = {}  # (pipeline, stage) -> rehosts failed in a row
 
     # ---------------------------------------------------------------- detection
 
@@ -76,7 +74,8 @@ class Recovery:
                 self.events.emit("failure", wid, level=logging.WARNING, reason=kind,
                                  heartbeat_age_s=round(now - beats[wid][1], 3))
                 self.cluster.fence(wid, kind)
-            for wid in self.monitor.stuck_workers({w: (x.state, x.computing_s) for w, x in self.cluster.workers.items()}):
+            computing = {wid: (w.state, w.computing_s) for wid, w in self.cluster.workers.items()}
+            for wid in self.monitor.stuck_workers(computing):
                 self.events.emit("failure", wid, level=logging.WARNING, reason="step_timeout")
                 self.cluster.fence(wid, "step_timeout")  # computing one step that long: a stuck device
             for step_id in self.monitor.late_steps(now, self.engine.dispatched_at()):
@@ -231,7 +230,7 @@ class Recovery:
         cluster, sched = self.cluster, self.scheduler
         failures = self._rehost_failures.get((p, s), 0)
         if failures:  # the last ones failed: a failure that repeats (a broken device) must not spin
-            await asyncio.sleep(min(REHOST_RETRY_MAX_S, SPARE_RETRY_S * 2 ** (failures - 1)))
+            await asyncio.sleep(retry_pause_s(failures))
         spare = cluster.take_spare()
         deadline = time.monotonic() + self.config.cluster.worker_start_timeout_s
         while spare is None and time.monotonic() < deadline:
@@ -415,11 +414,12 @@ class Recovery:
             except Exception as e:
                 self.cluster.fence(wid, "start_failed")
                 last = attempt + 1 == SPARE_ATTEMPTS
+                pause = retry_pause_s(attempt + 1)
                 self.events.emit("spare_failed", wid, level=logging.ERROR, error=str(e), device=device,
-                                 attempt=attempt + 1, retry_in_s=None if last else SPARE_RETRY_S * 2 ** attempt)
+                                 attempt=attempt + 1, retry_in_s=None if last else pause)
                 if last:
                     return
-                await asyncio.sleep(SPARE_RETRY_S * 2 ** attempt)
+                await asyncio.sleep(pause)
         if self.cluster.workers[wid].state == "starting":
             self.cluster.workers[wid].state = "spare"
             self.events.emit("worker_state", wid, state="spare", device=device)

@@ -9,8 +9,7 @@ import asyncio
 import logging
 import time
 
-
-RETRY_S, RETRY_MAX_S = 0.5, 30.0  # a failed restart is tried again 0.5 s, 1 s, 2 s ... later
+from kevlard.scheduler.health import retry_pause_s
 
 
 async def restart_pipeline(recovery, p: int, failed_at: float, attempt: int = 0) -> None:
@@ -43,7 +42,7 @@ async def restart_pipeline(recovery, p: int, failed_at: float, attempt: int = 0)
         cluster.routes[p] = new
         await asyncio.gather(*(cluster.open_link(a, b) for a, b in zip(new, new[1:])))
     except Exception as e:  # (a new worker killed or failing as it started): tried again, later each time
-        retry_in = min(RETRY_MAX_S, RETRY_S * 2 ** attempt)
+        retry_in = retry_pause_s(attempt + 1)
         recovery.events.emit("restart_failed", None, level=logging.ERROR, pipeline=p, error=str(e),
                              retry_in_s=retry_in)
         for wid in new:

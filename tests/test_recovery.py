@@ -119,7 +119,7 @@ def make_spare_recovery(failures: int):
 async def test_a_spare_killed_during_its_start_up_is_spawned_again(monkeypatch):
     """A burst of kills can hit a replacement spare before it is ready: the device was fine, so
     another spare is spawned after a pause, and the stage waiting for it is restored by it."""
-    monkeypatch.setattr("kevlard.recovery.SPARE_RETRY_S", 0.001)
+    monkeypatch.setattr("kevlard.scheduler.health.RETRY_S", 0.001)
     recovery, cluster, events, spawned, fenced = make_spare_recovery(failures=2)
     await recovery.replace_spare("cpu:3")
     assert spawned == [(10, "cpu:3"), (11, "cpu:3"), (12, "cpu:3")]
@@ -133,7 +133,7 @@ async def test_a_device_whose_spares_keep_dying_at_start_up_is_given_up(monkeypa
     """A broken device must not spawn workers in a loop: after SPARE_ATTEMPTS in a row it is left."""
     from kevlard.recovery import SPARE_ATTEMPTS
 
-    monkeypatch.setattr("kevlard.recovery.SPARE_RETRY_S", 0.001)
+    monkeypatch.setattr("kevlard.scheduler.health.RETRY_S", 0.001)
     recovery, cluster, events, spawned, fenced = make_spare_recovery(failures=100)
     await recovery.replace_spare("cpu:3")
     assert len(spawned) == SPARE_ATTEMPTS
@@ -213,7 +213,7 @@ async def test_a_restart_that_fails_is_tried_again(monkeypatch):
     """recovery = "restart": a new worker killed while it starts left the pipeline down for good."""
     from kevlard.restart import restart_pipeline
 
-    monkeypatch.setattr("kevlard.restart.RETRY_S", 0.001)
+    monkeypatch.setattr("kevlard.scheduler.health.RETRY_S", 0.001)
     recovery, cluster, events = make_recovery(ensure_link=None)
     cluster.workers[1].state = "dead"
     for w in cluster.workers.values():
@@ -268,7 +268,7 @@ async def test_a_buddy_that_dies_while_a_spare_restores_its_stage_does_not_cost_
 async def test_a_stage_whose_spare_died_restoring_it_is_taken_by_a_spare_already_standing_by(monkeypatch):
     """Spare 4 dies hosting the stage; spare 5 (say, 4's replacement, ready before 4's restore
     noticed) stands by: it restores the stage now, not at some later failure."""
-    monkeypatch.setattr("kevlard.recovery.SPARE_RETRY_S", 0.001)
+    monkeypatch.setattr("kevlard.scheduler.health.RETRY_S", 0.001)
     recovery, cluster, events = make_restore(spare_dies_in="SimpleNamespace")
     cluster.workers[5] = SimpleNamespace(state="spare", layers=(3, 6), pipelines=set(), stage=None)
     commands = cluster.command

@@ -51,3 +51,14 @@ class HealthMonitor:
 
     def late_steps(self, now: float, dispatched_at: dict[int, float]) -> list[int]:
         return [step for step, sent in dispatched_at.items() if now - sent > self.step_timeout_s]
+
+
+# What recovery tries again after a failure (a spare that died starting, a rehost, a restart) waits
+# RETRY_S after the first failure in a row, twice as long after each next one, at most RETRY_MAX_S:
+# a failure that repeats (a broken device) must not spawn and kill workers in a loop.
+RETRY_S, RETRY_MAX_S = 0.5, 30.0
+
+
+def retry_pause_s(failures: int) -> float:
+    """The pause before the next try, after `failures` (>= 1) failures in a row."""
+    return min(RETRY_MAX_S, RETRY_S * 2 ** (failures - 1))

@@ -164,3 +164,31 @@ def test_the_one_pipeline_emulated_comparison_is_judged_on_its_own(tmp_path):
     assert "**met**" in rows["emulated restart / kevlar at 3 req/s, one pipeline, latency mean (window) >= 5x"]
     assert "**missed**" in rows["emulated restart / kevlar at 3 req/s, one pipeline, TTFT mean (window) >= 500x"]
     assert "**met**" in rows["emulated restart / kevlar at 3 req/s, one pipeline, TTFT p99 (window) >= 600x"]
+
+
+def _slow_from(data: dict, index: int, ttft: float) -> dict:
+    """The run with every request from `index` on given `ttft` (their first token that much after the send)."""
+    for r in data["records"]:
+        if r["index"] >= index:
+            r["first_token_s"] = r["sent_s"] + ttft
+            r["ttft_s"] = ttft
+    return data
+
+
+def test_repeated_kill_runs_are_judged_on_their_mean_and_the_window_on_the_same_requests(tmp_path):
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    # the failure-free run's later requests were slow by themselves (0.3 s against 0.1 s before 4 s)
+    write(bench, "failure-free.json", _slow_from(run("failure-free", 1.0, 0.1), 8, 0.3))
+    for name, probe, ttft in (("kevlar-kill", 0.2, 0.33), ("kevlar-kill-2", 0.5, 0.33), ("kevlar-kill-3", 0.2, 0.36)):
+        write(bench, f"{name}.json", _slow_from(run(name, 1.0, 0.1, 4.0, probe), 8, ttft))
+    write(bench, "kevlar-kill-x.json", run("not a kill run", 1.0, 0.1, 4.0, 9.0))
+    text = render(bench)
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    probe = rows["SIGKILL -> first token of a new request <= 0.3 s (mean of the kill runs)"]
+    assert "0.300 s (runs: 0.200, 0.500, 0.200) | **met**" in probe
+    assert "| kevlar-kill-3 | kill@4s |" in text and "not a kill run" not in text
+    # the window's requests (in flight at 4 s or sent by 9 s: indices 7..18, three runs) against the
+    # same requests of the failure-free run (0.283 s), not against its whole run (0.22 s: 1.45x)
+    window = rows["failure window TTFT mean <= 1.25x the failure-free run's, same requests (issue 5)"]
+    assert "0.320 vs 0.283 s = 1.13x (36 requests, the kill runs pooled) | **met**" in window

@@ -146,6 +146,31 @@ def test_full_queue_answers_429_with_retry_after(tiny_dir, tmp_path):
             assert c.post("/v1/completions", json={"prompt": "hello", "max_tokens": 2}).status_code == 200
 
 
+def test_a_burst_that_fits_the_running_sets_is_served_whatever_the_waiting_queue(tiny_dir, tmp_path):
+    # 8 requests at once on an idle daemon with room for 16 running: none has to queue, so a
+    # waiting queue of 1 must not turn any away (it did: admission waited for the next step)
+    conf = tmp_path / "k.toml"
+    conf.write_text("[scheduler]\nmax_running = 16\nmax_waiting = 1\n")
+    args = ["--config", str(conf), "--model", str(tiny_dir), "--devices", "cpu:1", "--pipelines", "1",
+            "--stages", "1", "--spares", "0"]
+    with running_daemon(args, tmp_path) as daemon:
+        codes = []
+        start = threading.Barrier(8)
+
+        def send():
+            with daemon.client() as c:
+                start.wait()
+                codes.append(c.post("/v1/completions", json={"prompt": "hello", "max_tokens": 40,
+                                                             "ignore_eos": True}).status_code)
+
+        threads = [threading.Thread(target=send) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert codes == [200] * 8
+
+
 def test_sigterm_drains_in_flight_requests_then_exits_clean(tiny_dir, tmp_path):
     args = ["--model", str(tiny_dir), "--devices", "cpu:2", "--pipelines", "1", "--stages", "2", "--spares", "1"]
     daemon = start_daemon(args, tmp_path)

@@ -70,6 +70,11 @@ class Scheduler:
         return len(self.blocks)
 
     def can_add(self) -> bool:
+        """Whether a new request has a place. The waiting requests that fit a pipeline now are
+        admitted first: only requests that cannot run yet count against `max_waiting` (otherwise
+        a burst arriving while every pipeline has a step in flight met a full queue on an idle
+        server: admission happens when a pipeline plans its next step)."""
+        self._admit()
         return len(self.waiting) < self.max_waiting
 
     def add(self, req: Request) -> None:
@@ -77,6 +82,7 @@ class Scheduler:
             raise OverflowError("waiting queue is full")
         self.requests[req.id] = req
         self.waiting.append(req)
+        self._admit()
 
     def abort(self, req_id: int) -> None:
         req = self.requests.get(req_id)

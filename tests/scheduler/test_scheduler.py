@@ -108,12 +108,23 @@ def test_new_requests_avoid_a_quiet_pipeline_while_another_has_room():
 
 
 def test_waiting_queue_bound():
-    s = make(max_waiting=2)
-    s.add(req(1))
+    s = make(max_waiting=2, max_running=1)
+    s.add(req(1))  # runs at once
     s.add(req(2))
-    assert not s.can_add()
+    s.add(req(3))
+    assert [r.id for r in s.waiting] == [2, 3] and not s.can_add()
     with pytest.raises(OverflowError):
-        s.add(req(3))
+        s.add(req(4))
+
+
+def test_only_requests_that_cannot_run_count_against_the_waiting_queue():
+    # a burst arriving between two steps: every request fits a running set, none has to queue
+    s = make(num_pipelines=2, max_waiting=1, max_running=4, num_blocks=32)
+    for rid in range(8):
+        s.add(req(rid))
+    assert [len(r) for r in s.running] == [4, 4] and not s.waiting and s.admitted == {0, 1}
+    s.add(req(8))  # both running sets are full: it waits, and the next one has no place
+    assert [r.id for r in s.waiting] == [8] and not s.can_add()
 
 
 def test_admission_waits_for_free_blocks():

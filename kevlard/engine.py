@@ -262,6 +262,8 @@ class KevlarEngine:
     def _pump_route(self, pipeline: int) -> None:
         if not self.cluster.route_alive(pipeline):
             return  # a worker of the route is gone: recovery reroutes first
+        if self.recovery is not None and not self.recovery.route_linked(pipeline):
+            return  # a link between two of its stages is missing: recovery opens it first
         in_flight = sum(1 for plan, _, _ in self._dispatched.values() if plan.pipeline == pipeline)
         while in_flight < self.microbatches:
             plan = self.scheduler.schedule(pipeline)

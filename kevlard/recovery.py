@@ -11,6 +11,7 @@ import logging
 import time
 
 from kevlard import messages as m
+from kevlard.replica_pairing import pair_replicas, rewire_replicas
 from kevlard.restart import restart_pipeline
 from kevlard.scheduler.health import HealthMonitor, retry_pause_s
 
@@ -42,8 +43,9 @@ class Recovery:
         self._pending_restore: list[tuple[int, int, float]] = []  # (pipeline, stage, failed_at)
         self._last_lag, self._lag_reported_at = 0, 0.0
         self.restarting: set[int] = set()  # pipelines being torn down and restarted
-        self._restoring: set[tuple[int, int]] = set()  # (pipeline, stage) a spare is being brought in for
-        self._pairing: set[tuple[int, int]] = set()  # (pipeline, stage) whose replica link is opening
+        self.restoring: set[tuple[int, int]] = set()  # (pipeline, stage) a spare is being brought in for
+        self.pairing: set[tuple[int, int]] = set()  # (pipeline, stage) whose replica link is opening
+        self.linking: set[int] = set()  # pipelines whose route is getting a missing activation link
         self._holds: dict[int, int] = {}  # pipeline -> recovery steps holding it paused
         self._rehost_failures: dict[tuple[int, int], int] = {}  # (pipeline, stage) -> rehosts failed in a row
 
@@ -207,6 +209,32 @@ class Recovery:
         self.events.emit("reroute", buddy, pipeline=p, stage=s, route=list(route), seconds=round(took, 4),
                          replaced=replaced)
 
+    def route_linked(self, p: int) -> bool:
+        """Whether each stage of pipeline p's route has its activation link to the next. If one has
+        not, it is opened (the pipeline held meanwhile, then pumped): two restores of neighbouring
+        stages under way together each link their spare to the neighbour of that moment, so the two
+        spares, neighbours once both switched, had no link, and every step on them failed."""
+        route = self.cluster.routes[p]
+        missing = [(a, b) for a, b in zip(route, route[1:]) if a != b and (a, b) not in self.cluster.act_pairs]
+        if not missing:
+            return True
+        if p not in self.linking:
+            self.linking.add(p)
+            self._hold(p)
+            self._spawn_task(self._link_route(p, missing))
+        return False
+
+    async def _link_route(self, p: int, missing: list[tuple[int, int]]) -> None:
+        try:
+            await asyncio.gather(*(self.cluster.ensure_link(a, b) for a, b in missing))
+            self.events.emit("route_linked", None, pipeline=p, links=[list(pair) for pair in missing])
+        except Exception as e:  # one of them died (its death is handled), or the link timed out
+            self.events.emit("route_link_failed", None, level=logging.WARNING, pipeline=p, error=str(e))
+            await asyncio.sleep(retry_pause_s(1))  # the next pump tries again: not in a loop
+        finally:
+            self.linking.discard(p)
+            self._release(p)
+
     def _count_resumed(self, resumed: list[tuple[int, str, int]]) -> None:
         for req_id, how, recomputed in resumed:
             self.counters["requests_resumed_replica" if how == "replica" else "requests_replayed"] += 1
@@ -218,13 +246,13 @@ class Recovery:
     async def restore(self, p: int, s: int, failed_at: float) -> None:
         """A spare hosts the stage from the host weight store, takes the KV back, and the route
         switches back. Waits for a spare if none is ready yet."""
-        if (p, s) in self._restoring:
+        if (p, s) in self.restoring:
             return  # the restore already under way switches the route; it copes with this failure too
-        self._restoring.add((p, s))
+        self.restoring.add((p, s))
         try:
             await self._restore(p, s, failed_at)
         finally:
-            self._restoring.discard((p, s))
+            self.restoring.discard((p, s))
 
     async def _restore(self, p: int, s: int, failed_at: float) -> None:
         cluster, sched = self.cluster, self.scheduler
@@ -259,7 +287,7 @@ class Recovery:
             if hand_back:
                 links.append(cluster.open_link(current, spare, "xfer"))
             # every link the switch needs is opened while the pipeline still serves, all at once
-            rewiring = asyncio.ensure_future(self._rewire_replicas(p, s, spare, current))
+            rewiring = asyncio.ensure_future(rewire_replicas(self, p, s, spare, current))
             try:
                 opened = await asyncio.gather(*links, return_exceptions=True)
             finally:
@@ -328,79 +356,8 @@ class Recovery:
             self._spawn_task(self.take_pending_restores())  # (one may stand by already)
         self.engine.pump_all()
 
-    async def _rewire_replicas(self, p: int, s: int, spare: int, previous: int):
-        """Open the links by which the spare ships its KV to the next pipeline's stage-s worker
-        and keeps the replica of the previous pipeline's stage s (which the dead worker kept).
-        Returns what to record when the route switches: until then no ack from them counts."""
-        cluster = self.cluster
-        changes = []
-        if not cluster.replication:
-            return lambda: None
-        P = len(cluster.routes)
-        nxt, prv = cluster.routes[(p + 1) % P][s], cluster.routes[(p - 1) % P][s]
-        opening, peers = [], []
-        if cluster.workers[nxt].state == "healthy" and nxt != spare:
-            opening.append(cluster.open_link(spare, nxt, "repl"))
-            peers.append(nxt)
-
-            def outgoing() -> None:
-                if cluster.workers[nxt].state != "healthy":
-                    return  # it died while the route switched: it keeps nothing (pair_replicas may pair later)
-                cluster.replica_holder[(p, s)] = nxt
-                if nxt == previous:
-                    self.scheduler.mark_replicated(p, s)  # it served from that very copy until now
-                else:  # the new holder gets what was written before it took over
-                    self.scheduler.new_replica_holder(p, s)
-                    cluster.workers[spare].handle.send(m.Backfill(p, s, self.scheduler.backfill_spans(p)))
-            changes.append(outgoing)
-        if cluster.workers[prv].state == "healthy" and prv != spare and cluster.pool((p - 1) % P, s) == "primary":
-            opening.append(cluster.open_link(prv, spare, "repl"))
-            peers.append(prv)
-
-            def incoming() -> None:
-                q = (p - 1) % P
-                if cluster.workers[prv].state != "healthy":
-                    return
-                cluster.replica_holder[(q, s)] = spare
-                self.scheduler.new_replica_holder(q, s)  # nothing is there yet: the source backfills it
-                cluster.workers[prv].handle.send(m.Backfill(q, s, self.scheduler.backfill_spans(q)))
-            changes.append(incoming)
-        for peer, result in zip(peers, await asyncio.gather(*opening, return_exceptions=True)):
-            # a peer that died meanwhile keeps no replica (the changes check that at the switch)
-            if isinstance(result, BaseException) and not (cluster.workers[peer].state == "dead"
-                                                           and cluster.workers[spare].state != "dead"):
-                raise result
-        return lambda: [change() for change in changes]
-
     async def pair_replicas(self) -> None:
-        """Each stage whose replica has no holder gets one, once it and its buddy (the same stage of
-        the next pipeline) both serve from their own pools: two restores that ran side by side
-        (both workers of a stage replaced) each found the other's route still on a dead worker."""
-        cluster, P = self.cluster, len(self.cluster.routes)
-        if not cluster.replication or P < 2:
-            return
-        for (p, s), holder in list(cluster.replica_holder.items()):
-            q = (p + 1) % P
-            src, nxt = cluster.routes[p][s], cluster.routes[q][s]
-            if (holder is not None or src == nxt or (p, s) in self._pairing or {(p, s), (q, s)} & self._restoring
-                    or cluster.pool(p, s) != "primary" or cluster.pool(q, s) != "primary"
-                    or any(cluster.workers[w].state != "healthy" for w in (src, nxt))):
-                continue
-            self._pairing.add((p, s))
-            try:
-                await cluster.open_link(src, nxt, "repl")
-            except Exception as e:
-                self.events.emit("replica_pairing_failed", src, level=logging.WARNING, pipeline=p, stage=s, error=str(e))
-                continue
-            finally:
-                self._pairing.discard((p, s))
-            if (cluster.routes[p][s], cluster.routes[q][s]) != (src, nxt) or cluster.replica_holder.get((p, s)) \
-                    is not None or any(cluster.workers[w].state != "healthy" for w in (src, nxt)):
-                continue  # things moved while the link opened: the next restore pairs them
-            cluster.replica_holder[(p, s)] = nxt
-            self.scheduler.new_replica_holder(p, s)  # nothing is there yet: the source backfills it
-            cluster.workers[src].handle.send(m.Backfill(p, s, self.scheduler.backfill_spans(p)))
-            self.events.emit("replica_paired", nxt, pipeline=p, stage=s, source=src)
+        await pair_replicas(self)
 
     async def replace_spare(self, device: str) -> None:
         """The dead worker's device gets a new spare (a virtual CPU device is usable at once). A

@@ -130,3 +130,27 @@ def test_a_worker_computing_one_step_past_the_step_timeout_is_fenced_and_nothing
         dead = {w["id"]: w for w in snap["workers"] if w["state"] == "dead"}
         assert dead[victim]["failure"] == "step_timeout", dead
         assert re.search(rf"event failure worker={victim} reason=step_timeout", daemon.log())
+
+
+def test_neighbouring_stages_restored_side_by_side_are_linked_to_each_other(model_dir, reference, tmp_path):
+    """Pipeline 0's first and second stage workers are killed together: two spares restore them side
+    by side, each linking itself to the other stage's worker of that moment (its buddy). Once both
+    have switched, the two spares are neighbours: they must be linked, or every step on them fails
+    and both are fenced as broken (they were). Nothing is lost either way; here no healthy worker
+    may be fenced, and the requests after the restore answer as before."""
+    args = daemon_args(model_dir, tmp_path)
+    args[args.index("--spares") + 1] = "2"
+    with running_daemon(args, tmp_path) as daemon:
+        url = daemon.url
+        routes = [pl["route"] for pl in httpx.get(url + "/api/cluster").json()["pipelines"]]
+
+        def kill_two_neighbours():
+            inject(url, routes[0][0], "kill")
+            inject(url, routes[0][1], "kill")
+
+        assert_same(run_load(url, kill_two_neighbours), reference)
+        snap = wait_restored(url)
+        deaths = [w for w in snap["workers"] if w["state"] == "dead"]
+        assert sorted(w["id"] for w in deaths) == sorted(routes[0][:2]), snap["workers"]
+        assert snap["recovery"]["failures"] == 2
+        assert_same(run_load(url), reference)

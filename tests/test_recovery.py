@@ -292,3 +292,27 @@ async def test_a_stage_whose_spare_died_restoring_it_is_taken_by_a_spare_already
         if recovery.counters["rehosts"]:
             break
     assert cluster.routes[0] == [0, 5] and recovery.counters["rehosts"] == 1
+
+
+async def test_a_route_whose_neighbours_have_no_link_between_them_is_held_until_they_have():
+    """Stage 0 and stage 1 of pipeline 0 were restored side by side by spares 0 and 1: each linked
+    itself to the other stage's worker of that moment, so nothing links 0 to 1. No step may go
+    down that route until the link is open; then the pipeline serves again."""
+    opened: list = []
+
+    async def ensure_link(a, b):
+        await asyncio.sleep(0.01)
+        opened.append((a, b))
+        cluster.act_pairs.add((a, b))
+
+    recovery, cluster, events = make_recovery(ensure_link)
+    cluster.act_pairs = {(2, 3)}
+    cluster.route_alive = lambda p: True
+    assert recovery.route_linked(1)
+    assert not recovery.route_linked(0) and not recovery.route_linked(0)  # one repair, however often asked
+    assert ("pause", 0) in recovery.scheduler.calls and ("activate", 0) not in recovery.scheduler.calls
+    while recovery.busy:
+        await asyncio.sleep(0.01)
+    assert opened == [(0, 1)] and recovery.route_linked(0)
+    assert recovery.scheduler.calls[-1] == ("activate", 0)
+    assert [kind for kind, *_ in events] == ["route_linked"]

@@ -68,6 +68,7 @@ class Cluster:
         self.stopping = False
         self.cpu_sets: list[set[int]] | None = None  # cpu_budget = "pipeline": pipeline p's cores
         self.act_pairs: set[tuple[int, int]] = set()  # activation links open, (upstream, downstream)
+        self._act_opening: dict[tuple[int, int], asyncio.Future] = {}  # activation links being opened
         self._cmd_ids = itertools.count(1)
         self._pending: dict[int, tuple[int, asyncio.Future]] = {}  # cmd_id -> (worker, reply)
         self.links_dir: str | None = None  # where each link's rendezvous file is made
@@ -154,15 +155,24 @@ class Cluster:
         os.makedirs(self.links_dir, mode=0o700, exist_ok=True)
 
     async def ensure_link(self, a: int, b: int) -> None:
-        """An activation link from a to b, opened unless it already is."""
-        if (a, b) not in self.act_pairs:
-            await self.open_link(a, b)
+        """An activation link from a to b, opened unless it already is. Callers at the same time
+        (a reroute, a restore, a route's repair) share one opening: two links for one pair would
+        leave each worker holding whichever registered last, perhaps not the same one."""
+        if (a, b) in self.act_pairs:
+            return
+        opening = self._act_opening.get((a, b))
+        if opening is None:
+            opening = self._act_opening[(a, b)] = asyncio.ensure_future(self.open_link(a, b))
+            opening.add_done_callback(lambda f: (self._act_opening.pop((a, b), None),
+                                                 f.cancelled() or f.exception()))  # retrieved: never "unretrieved"
+        await asyncio.shield(opening)
 
     def _spawn(self, wid: int, device: str) -> None:
         self._register(self.launcher.spawn(wid, device, self.threads_per_worker))
 
     def _register(self, handle) -> None:
-        self.workers[handle.id] = WorkerState(handle, ready=self.loop.create_future())
+        # counted from its spawn until its first heartbeat: one stopped before it ever beat is seen too
+        self.workers[handle.id] = WorkerState(handle, ready=self.loop.create_future(), last_heartbeat=time.monotonic())
         handle.start_reader(self._from_thread, self._eof_from_thread)
 
     async def _wait_ready(self, ids: list[int]) -> None:

@@ -214,6 +214,8 @@ class Recovery:
         not, it is opened (the pipeline held meanwhile, then pumped): two restores of neighbouring
         stages under way together each link their spare to the neighbour of that moment, so the two
         spares, neighbours once both switched, had no link, and every step on them failed."""
+        if self._holds.get(p):
+            return False  # recovery work on it links what it needs; checked again at its release
         route = self.cluster.routes[p]
         missing = [(a, b) for a, b in zip(route, route[1:]) if a != b and (a, b) not in self.cluster.act_pairs]
         if not missing:

@@ -100,3 +100,21 @@ def test_a_snapshot_lists_the_live_workers_and_only_the_most_recent_dead_ones():
     assert snap["dead_workers"] == 19
     assert listed[19]["stages"] == [] and listed[19]["served"] == [{"pipeline": 0, "stage": 1, "layers": [2, 3]}]
     assert listed[20]["stages"] == [{"pipeline": 0, "stage": 1, "layers": [2, 3]}] and listed[20]["served"] == []
+
+
+async def test_callers_ensuring_one_link_at_the_same_time_share_one_opening():
+    """A reroute, a restore and a route's repair may all want the link 0 -> 1 at once: two openings
+    would leave each worker holding whichever registered last, perhaps not the same link."""
+    topo = plan_topology(ClusterConfig(devices="cpu:2", pipelines=1, stages=2, spares=0), 0)
+    cluster = Cluster(topo, launcher=None, link_timeout_s=5.0, start_timeout_s=5.0, threads_per_worker=1)
+    opened = []
+
+    async def open_link(a, b, purpose="act"):
+        await asyncio.sleep(0.01)
+        opened.append((a, b))
+        cluster.act_pairs.add((a, b))
+
+    cluster.open_link = open_link
+    await asyncio.gather(*(cluster.ensure_link(0, 1) for _ in range(3)))
+    await cluster.ensure_link(0, 1)
+    assert opened == [(0, 1)]

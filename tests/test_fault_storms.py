@@ -31,12 +31,12 @@ def fork_server(daemon_pid: int) -> psutil.Process:
 
 
 class StartUpKiller(threading.Thread):
-    """SIGKILLs the next `count` workers the fork server forks, the moment they appear: before they
-    can have started (a worker takes tens of milliseconds to report ready)."""
+    """SIGKILLs (or sends `sig` to) the next `count` workers the fork server forks, the moment they
+    appear: before they can have started (a worker takes tens of milliseconds to report ready)."""
 
-    def __init__(self, server: psutil.Process, count: int):
+    def __init__(self, server: psutil.Process, count: int, sig: int = signal.SIGKILL):
         super().__init__(daemon=True)
-        self.server, self.count = server, count
+        self.server, self.count, self.sig = server, count, sig
         self.known = {p.pid for p in server.children()}
         self.killed: list[int] = []
         self.stop_flag = threading.Event()
@@ -46,7 +46,7 @@ class StartUpKiller(threading.Thread):
             for child in self.server.children():
                 if child.pid not in self.known:
                     self.known.add(child.pid)
-                    os.kill(child.pid, signal.SIGKILL)
+                    os.kill(child.pid, self.sig)
                     self.killed.append(child.pid)
             time.sleep(0.001)
 
@@ -154,3 +154,30 @@ def test_neighbouring_stages_restored_side_by_side_are_linked_to_each_other(mode
         assert sorted(w["id"] for w in deaths) == sorted(routes[0][:2]), snap["workers"]
         assert snap["recovery"]["failures"] == 2
         assert_same(run_load(url), reference)
+
+
+def test_a_restarted_worker_that_hangs_while_starting_is_fenced_and_the_restart_tried_again(
+        model_dir, reference, tmp_path):
+    """recovery = "restart": a worker is killed, and the first worker forked to replace it stops
+    (SIGSTOP) as it starts. It is judged hung by its missing heartbeats, fenced, and the restart is
+    tried again: not left `starting` with the pipeline down until the start timeout (120 s)."""
+    with running_daemon(daemon_args(model_dir, tmp_path, recovery="restart"), tmp_path) as daemon:
+        url = daemon.url
+        routes = [pl["route"] for pl in httpx.get(url + "/api/cluster").json()["pipelines"]]
+        stopper = StartUpKiller(fork_server(daemon.proc.pid), count=1, sig=signal.SIGSTOP)
+
+        def kill_and_stop_a_replacement():
+            stopper.start()
+            inject(url, routes[0][1], "kill")
+
+        try:
+            got = run_load(url, kill_and_stop_a_replacement)
+            stopper.join(30)
+        finally:
+            stopper.stop_flag.set()
+        assert len(stopper.killed) == 1
+        stopped = next(w["id"] for w in httpx.get(url + "/api/cluster").json()["workers"]
+                       if w["pid"] == stopper.killed[0])
+        wait_for_log(daemon, rf"event failure worker={stopped} reason=hang ", timeout=60)
+        assert_same(got, reference)
+        wait_for_log(daemon, r"event restore .*how=restart", timeout=60)

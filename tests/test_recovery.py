@@ -316,3 +316,15 @@ async def test_a_route_whose_neighbours_have_no_link_between_them_is_held_until_
     assert opened == [(0, 1)] and recovery.route_linked(0)
     assert recovery.scheduler.calls[-1] == ("activate", 0)
     assert [kind for kind, *_ in events] == ["route_linked"]
+
+
+async def test_a_route_under_recovery_work_is_not_repaired_behind_its_back():
+    """While a restart or restore holds the pipeline it links what it needs itself: a second opening
+    of the same link would leave the two workers holding different ones."""
+    async def ensure_link(a, b):
+        raise AssertionError("linked behind the recovery's back")
+
+    recovery, cluster, events = make_recovery(ensure_link)
+    cluster.act_pairs, cluster.route_alive = set(), lambda p: True
+    recovery._hold(0)
+    assert not recovery.route_linked(0) and not recovery.busy and events == []

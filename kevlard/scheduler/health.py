@@ -7,8 +7,12 @@ from __future__ import annotations
 # lock, can hold the heartbeat thread off for more than a timeout (seen: five spares in a row fenced
 # as hung a second into their rehost, with the host at a load of 4.5 on 2 cores). Its pipeline
 # serves through the buddy meanwhile; a dead one is still seen at once, and a rehost that never
-# ends fails at `cluster.worker_start_timeout_s`.
+# ends fails at `cluster.worker_start_timeout_s`. A worker still starting (a replacement spare, a
+# restarted pipeline's worker loading its stage from disk) is judged the same way: one that hung
+# there was seen only at that start timeout (120 s), its pipeline down all along in restart mode.
 REHOSTING_TIMEOUT_FACTOR = 10
+LOADING = ("rehosting", "starting")
+LIVE = ("healthy", "spare", *LOADING)
 
 
 class HealthMonitor:
@@ -17,12 +21,12 @@ class HealthMonitor:
         self.step_timeout_s = step_timeout_s
 
     def timeout_s(self, state: str) -> float:
-        return self.heartbeat_timeout_s * (REHOSTING_TIMEOUT_FACTOR if state == "rehosting" else 1)
+        return self.heartbeat_timeout_s * (REHOSTING_TIMEOUT_FACTOR if state in LOADING else 1)
 
     def stale_workers(self, now: float, beats: dict[int, tuple[str, float]]) -> list[tuple[int, str]]:
         """(worker, "hang") for each live worker whose last heartbeat is older than its timeout."""
         return [(wid, "hang") for wid, (state, last) in beats.items()
-                if state in ("healthy", "spare", "rehosting") and last > 0
+                if state in LIVE and last > 0
                 and now - last > self.timeout_s(state)]
 
     @staticmethod
@@ -34,7 +38,7 @@ class HealthMonitor:
     def next_expiry(self, beats: dict[int, tuple[str, float]]) -> float | None:
         """When the first live worker's heartbeat will be too old, if no new one comes."""
         times = [last + self.timeout_s(state) for state, last in beats.values()
-                 if state in ("healthy", "spare", "rehosting") and last > 0]
+                 if state in LIVE and last > 0]
         return min(times) if times else None
 
     @staticmethod

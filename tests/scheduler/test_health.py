@@ -14,6 +14,7 @@ def test_the_next_check_is_due_when_the_oldest_live_heartbeat_runs_out():
     m = HealthMonitor(heartbeat_timeout_s=1.0, step_timeout_s=30.0)
     beats = {0: ("healthy", 10.2), 1: ("rehosting", 10.1), 2: ("dead", 1.0), 3: ("starting", 0.0)}
     assert m.next_expiry(beats) == 11.2  # worker 0's; the dead one's long past expiry does not count
+    assert m.next_expiry({3: ("starting", 10.0)}) == 20.0  # a starting worker's, once it has beaten
     assert m.next_expiry({2: ("dead", 1.0)}) is None
 
 
@@ -44,3 +45,12 @@ def test_a_serving_worker_computing_one_step_past_the_step_timeout_is_stuck():
     m = HealthMonitor(heartbeat_timeout_s=1.0, step_timeout_s=30.0)
     computing = {0: ("healthy", 31.0), 1: ("healthy", 29.0), 2: ("dead", 99.0), 3: ("spare", 0.0)}
     assert m.stuck_workers(computing) == [0]
+
+
+def test_a_worker_that_hangs_while_starting_is_judged_like_a_spare_hosting_a_stage():
+    """A restarted pipeline's worker that hung loading its stage kept the pipeline down until the
+    start timeout (120 s): it is judged at ten heartbeat timeouts, once it has sent one."""
+    m = HealthMonitor(heartbeat_timeout_s=1.0, step_timeout_s=30.0)
+    beats = {0: ("starting", 10.0), 1: ("starting", 0.0)}  # worker 1: no heartbeat yet
+    assert m.stale_workers(19.9, beats) == []
+    assert m.stale_workers(20.5, beats) == [(0, "hang")]

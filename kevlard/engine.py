@@ -276,7 +276,7 @@ class KevlarEngine:
         route = self.cluster.routes[plan.pipeline]
         self._dispatched[plan.step_id] = (plan, time.monotonic(), route[-1])
         rest = tuple(m.SeqChunk(c.req_id, c.start, c.num_tokens, c.block_table, (), c.sample, c.temperature,
-                                c.top_p, c.top_k, c.seed, c.output_index) for c in plan.chunks)
+                                c.top_p, c.top_k, c.seed, c.output_index, c.epoch) for c in plan.chunks)
         for s, wid in enumerate(route):
             chunks = tuple(plan.chunks) if s == 0 else rest
             pool = self.cluster.pool(plan.pipeline, s)

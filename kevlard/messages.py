@@ -65,6 +65,9 @@ class SeqChunk:
     top_k: int = 0
     seed: int = 0
     output_index: int = 0  # which output token this sample is: seeds the draw, so replays match
+    # the request's admission (its preemptions so far): its KV of an earlier one was in other blocks,
+    # so a replica ack of that KV arriving late must not count for this one
+    epoch: int = 0
 
 
 @dataclass(frozen=True)
@@ -98,11 +101,11 @@ RELEASE_SIGNAL = signal.SIGUSR2  # a hang with a duration ends with this one
 
 @dataclass(frozen=True)
 class Backfill:
-    """Ship this KV of the worker's own pool to its (new) replica holder: (req_id, start, end, block
-    table) per request. Queued behind the steps already sent, so the KV is written by then."""
+    """Ship this KV of the worker's own pool to its (new) replica holder: (req_id, epoch, start, end,
+    block table) per request. Queued behind the steps already sent, so the KV is written by then."""
     pipeline: int
     stage: int
-    spans: tuple[tuple[int, int, int, tuple[int, ...]], ...]
+    spans: tuple[tuple[int, int, int, int, tuple[int, ...]], ...]
 
 
 @dataclass(frozen=True)
@@ -159,7 +162,7 @@ class ReplicaAck:
     holder: int
     pipeline: int
     stage: int
-    upto: tuple[tuple[int, int, int], ...]  # (req_id, start, end): tokens [start, end) stored
+    upto: tuple[tuple[int, int, int, int], ...]  # (req_id, epoch, start, end): tokens [start, end) stored
 
 
 @dataclass(frozen=True)

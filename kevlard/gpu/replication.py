@@ -8,7 +8,7 @@ that block begins, so its watermark stops there.
 Wire format on a `repl` link: first the receiver's handshake [pid, fd, numel] (int64), how to
 map its replica pool when it lies in shared memory (CPU workers; fd -1 otherwise). Then per
 shipment: a header [num_slots, num_reqs, pipeline, stage, in_pool] (int64), a body [slots...,
-req_id, start, end, ...] (int64), then, unless in_pool, the KV of those slots [2, L, num_slots,
+req_id, epoch, start, end, ...] (int64; a request's epoch is its admission: see SeqChunk), then, unless in_pool, the KV of those slots [2, L, num_slots,
 kvh, hd]. With the pool mapped (CPU workers), the sender copies the KV straight into it and
 acks the spans to the daemon itself, naming the holder; nothing more goes over the link (one
 pass over the bytes instead of gather, convert, send, receive, convert, scatter, and neither
@@ -76,11 +76,11 @@ class ReplicaSender:
 
     def enqueue(self, pipeline: int, stage: int, chunks) -> None:
         """Called by the step thread after a step wrote KV: cheap, it only records positions."""
-        self._add(pipeline, stage, [(c.req_id, c.start, c.num_tokens, c.block_table) for c in chunks])
+        self._add(pipeline, stage, [((c.req_id, c.epoch), c.start, c.num_tokens, c.block_table) for c in chunks])
 
     def backfill(self, pipeline: int, stage: int, spans) -> None:
-        """A new holder gets the KV written before it took over: (req_id, start, end, table) each."""
-        self._add(pipeline, stage, [(r, a, b - a, table) for r, a, b, table in spans])
+        """A new holder gets the KV written before it took over: (req_id, epoch, start, end, table) each."""
+        self._add(pipeline, stage, [((r, e), a, b - a, table) for r, e, a, b, table in spans])
 
     def _add(self, pipeline: int, stage: int, entries) -> None:
         if not self.alive:
@@ -88,8 +88,8 @@ class ReplicaSender:
         with self._lock:
             self._pending.append((pipeline, stage, entries))
             due = self._due
-            for req_id, _, n, _ in entries:
-                due[req_id] = waiting = due.get(req_id, 0) + n
+            for key, _, n, _ in entries:  # key: (req_id, epoch)
+                due[key] = waiting = due.get(key, 0) + n
                 if n >= self.kv.block_size:
                     self._prompt = True  # (before the wake-up: the gap's wait checks it after one)
                 if waiting >= self.kv.block_size:
@@ -167,25 +167,25 @@ class ReplicaSender:
     def _ship(self, pipeline: int, stage: int, entries) -> None:
         bs = self.kv.block_size
         # a request's steps since the last shipment are back to back: one span each, not one per step
-        merged: list[list] = []  # [req_id, start, end, block table]
-        last: dict[int, list] = {}
-        for req_id, start, n, table in entries:
+        merged: list[list] = []  # [(req_id, epoch), start, end, block table]
+        last: dict[tuple[int, int], list] = {}
+        for key, start, n, table in entries:
             end = replicable_end(table, start, start + n, bs, self.replica_blocks)
             if end <= start:
                 continue
-            span = last.get(req_id)
+            span = last.get(key)
             if span is not None and span[2] == start and tuple(table[:len(span[3])]) == tuple(span[3]):
                 span[2], span[3] = end, table
             else:
-                span = last[req_id] = [req_id, start, end, table]
+                span = last[key] = [key, start, end, table]
                 merged.append(span)
         if not merged:
             return
         slots = [table[pos // bs] * bs + pos % bs for _, a, b, table in merged for pos in range(a, b)]
-        spans: dict[int, tuple[int, int]] = {}
-        for req_id, a, b, _ in merged:
-            first, end = spans.get(req_id, (a, b))
-            spans[req_id] = (min(first, a), max(end, b))
+        spans: dict[tuple[int, int], tuple[int, int]] = {}
+        for key, a, b, _ in merged:
+            first, end = spans.get(key, (a, b))
+            spans[key] = (min(first, a), max(end, b))
         remote = self._remote
         if remote is not None:
             # straight into the buddy's pool, a run of slots within a block at a time (a strided copy
@@ -196,9 +196,10 @@ class ReplicaSender:
             for a, b in _runs(slots):
                 remote[:, :, a:b].copy_(data[:, :, a:b])
             if self.ack is not None:  # the data is in the pool: say so, nothing goes over the link
-                self.ack(pipeline, stage, tuple((req, a, b) for req, (a, b) in spans.items()))
+                self.ack(pipeline, stage, tuple((req, epoch, a, b) for (req, epoch), (a, b) in spans.items()))
                 return
-        body = torch.tensor(slots + [x for req, (a, b) in spans.items() for x in (req, a, b)], dtype=torch.long)
+        body = torch.tensor(slots + [x for (req, epoch), (a, b) in spans.items() for x in (req, epoch, a, b)],
+                            dtype=torch.long)
         header = torch.tensor([len(slots), len(spans), pipeline, stage, int(remote is not None)], dtype=torch.long)
         if remote is not None:
             self.link.send(header)
@@ -255,7 +256,7 @@ class ReplicaReceiver:
         while self.alive:
             try:
                 num_slots, num_reqs, pipeline, stage, in_pool = self.link.recv((5,), torch.long).tolist()
-                body = self.link.recv((num_slots + 3 * num_reqs,), torch.long)
+                body = self.link.recv((num_slots + 4 * num_reqs,), torch.long)
                 if not in_pool:
                     values = self.link.recv((self.kv.slot_shape[0], self.kv.slot_shape[1], num_slots,
                                              *self.kv.slot_shape[2:]), dtype)
@@ -265,4 +266,4 @@ class ReplicaReceiver:
             if not in_pool:  # else the source wrote them into our pool itself before the header
                 self.kv.scatter(body[:num_slots].to(self.kv.data.device), values)
             spans = body[num_slots:].tolist()
-            self.ack(self.source, pipeline, stage, tuple(zip(spans[0::3], spans[1::3], spans[2::3])))
+            self.ack(self.source, pipeline, stage, tuple(zip(spans[0::4], spans[1::4], spans[2::4], spans[3::4])))

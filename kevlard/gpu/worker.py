@@ -200,7 +200,7 @@ class Worker:
                     self.replica_sender.close()
                 holder = msg.peer
 
-                def ack(pipeline: int, stage: int, upto: tuple[tuple[int, int, int], ...]) -> None:
+                def ack(pipeline: int, stage: int, upto: tuple[tuple[int, int, int, int], ...]) -> None:
                     self._send_or_exit(m.ReplicaAck(self.id, self.id, holder, pipeline, stage, upto))
 
                 self.replica_sender = ReplicaSender(link, self._stage().kv, self.replica_blocks,
@@ -211,7 +211,7 @@ class Worker:
                 self.replica_receivers[msg.peer] = ReplicaReceiver(link, self.replica_kv, msg.peer, self._ack)
         return {}
 
-    def _ack(self, source: int, pipeline: int, stage: int, upto: tuple[tuple[int, int, int], ...]) -> None:
+    def _ack(self, source: int, pipeline: int, stage: int, upto: tuple[tuple[int, int, int, int], ...]) -> None:
         self._send_or_exit(m.ReplicaAck(self.id, source, self.id, pipeline, stage, upto))
 
     def _send_or_exit(self, msg: object) -> None:

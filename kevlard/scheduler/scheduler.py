@@ -180,7 +180,7 @@ class Scheduler:
                 req_id=req.id, start=req.num_computed_tokens, num_tokens=n, block_table=tuple(req.block_ids),
                 token_ids=tuple(req.token_ids(req.num_computed_tokens, end)), sample=sample,
                 temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed,
-                output_index=len(req.output_token_ids)))
+                output_index=len(req.output_token_ids), epoch=req.num_preemptions))
             req.in_flight = True
             picked.append(req)
             budget -= n
@@ -259,12 +259,14 @@ class Scheduler:
         """No new micro-batches or admissions on the pipeline; its requests keep their blocks."""
         self.active[pipeline] = False
 
-    def on_replica_ack(self, pipeline: int, stage: int, spans: tuple[tuple[int, int, int], ...]) -> None:
-        """(req_id, start, end): the holder stored tokens [start, end). The watermark only grows
-        over contiguous spans: a holder that joined late has a gap, and claims nothing."""
-        for req_id, start, end in spans:
+    def on_replica_ack(self, pipeline: int, stage: int, spans: tuple[tuple[int, int, int, int], ...]) -> None:
+        """(req_id, epoch, start, end): the holder stored tokens [start, end). The watermark only grows
+        over contiguous spans: a holder that joined late has a gap, and claims nothing. A span of an
+        earlier admission of the request (shipped after it was preempted: the KV of blocks it no
+        longer has) claims nothing either."""
+        for req_id, epoch, start, end in spans:
             req = self.requests.get(req_id)
-            if req is None or req.pipeline != pipeline:
+            if req is None or req.pipeline != pipeline or epoch != req.num_preemptions:
                 continue
             mark = req.replicated.get(stage, 0)
             if start <= mark:
@@ -315,7 +317,7 @@ class Scheduler:
             for stage, mark in req.replicated.items():
                 req.replicated[stage] = min(mark, keep * self.block_size)
 
-    def backfill_spans(self, pipeline: int) -> tuple[tuple[int, int, int, tuple[int, ...]], ...]:
+    def backfill_spans(self, pipeline: int) -> tuple[tuple[int, int, int, int, tuple[int, ...]], ...]:
         """What a new replica holder of the pipeline's stages lacks: per running request, the
         tokens whose KV is written once the micro-batches already sent have run (those in flight
         included), with its block table."""
@@ -327,7 +329,7 @@ class Scheduler:
                 if c.req_id == req.id:
                     end = max(end, c.start + c.num_tokens)
             if end > 0:
-                spans.append((req.id, 0, end, tuple(req.block_ids)))
+                spans.append((req.id, req.num_preemptions, 0, end, tuple(req.block_ids)))
         return tuple(spans)
 
     def resume_after_failover(self, pipeline: int, stage: int) -> list[tuple[int, str, int]]:

@@ -46,7 +46,7 @@ def replication(pair, request):
 
 
 def step(sender, table, pos: int, n: int = 1) -> None:
-    sender.enqueue(0, 1, [SimpleNamespace(req_id=11, start=pos, num_tokens=n, block_table=table)])
+    sender.enqueue(0, 1, [SimpleNamespace(req_id=11, epoch=0, start=pos, num_tokens=n, block_table=table)])
 
 
 def acked(acks: list, count: int, within: float) -> bool:
@@ -67,9 +67,9 @@ def test_steps_written_within_the_interval_ship_together_and_the_replica_holds_t
         time.sleep(0.05)
         step(sender, table, pos)
     deadline = time.monotonic() + 10
-    while (not acks or acks[-1][0][2] < 7) and time.monotonic() < deadline:
+    while (not acks or acks[-1][0][3] < 7) and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert acks == [((11, 0, 4),), ((11, 4, 7),)]
+    assert acks == [((11, 0, 0, 4),), ((11, 0, 4, 7),)]
     slots = src.slots(table, 0, 7)
     assert torch.equal(dst.gather(slots), src.gather(slots))
     assert not dst.gather(src.slots(table, 7, 8)).any()  # nothing past what was written
@@ -90,7 +90,7 @@ def test_a_block_worth_of_waiting_tokens_ships_before_the_interval_ends(replicat
     assert acked(acks, 2, 5)
     step(sender, table, 5)
     assert not acked(acks, 3, 0.3)
-    assert acks == [((11, 0, 1),), ((11, 1, 5),)]
+    assert acks == [((11, 0, 0, 1),), ((11, 0, 1, 5),)]
     slots = src.slots(table, 0, 5)
     assert torch.equal(dst.gather(slots), src.gather(slots))
 
@@ -115,7 +115,7 @@ def test_a_replica_pool_in_shared_memory_is_written_and_acked_by_its_source(pair
     try:
         table = (6, 2, 3)
         step(sender, table, 0, 9)
-        assert acked(source_acks, 1, 10) and source_acks[0] == (0, 1, ((11, 0, 9),))
+        assert acked(source_acks, 1, 10) and source_acks[0] == (0, 1, ((11, 0, 0, 9),))
         assert sender._remote is not None
         slots = src.slots(table, 0, 9)
         assert torch.equal(dst.data.index_select(2, slots), src.data.index_select(2, slots))
@@ -162,10 +162,10 @@ def test_blocks_filled_at_every_step_ship_together_at_most_every_half_second(rep
         step(sender, table, pos)
         time.sleep(0.005)
     deadline = time.monotonic() + 5
-    while (not acks or acks[-1][0][2] < 28) and time.monotonic() < deadline:
+    while (not acks or acks[-1][0][3] < 28) and time.monotonic() < deadline:
         time.sleep(0.001)
     assert len(acks) <= 3, acks  # without the gap: one shipment per block, 7 in all
     shipped = len(acks)
     step(sender, table, 28, 4)  # a prompt's block, right after a shipment: it does not wait the gap
     assert acked(acks, shipped + 1, 0.3)
-    assert acks[-1] == ((11, 28, 32),)
+    assert acks[-1] == ((11, 0, 28, 32),)

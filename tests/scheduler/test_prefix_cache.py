@@ -79,11 +79,11 @@ def test_with_replication_blocks_are_shared_only_once_every_stage_holds_a_replic
     s.add(req(2, SYSTEM + [4]))
     plan, _ = step(s)
     assert next(c for c in plan.chunks if c.req_id == 2).start == 0  # nothing replicated yet
-    s.on_replica_ack(0, 0, ((1, 0, 11),))
+    s.on_replica_ack(0, 0, ((1, 0, 0, 11),))
     s.add(req(3, SYSTEM + [5]))
     plan, _ = step(s)
     assert next(c for c in plan.chunks if c.req_id == 3).start == 0  # stage 1 not yet
-    s.on_replica_ack(0, 1, ((1, 0, 11),))
+    s.on_replica_ack(0, 1, ((1, 0, 0, 11),))
     s.add(req(4, SYSTEM + [6]))
     plan, _ = step(s)
     assert next(c for c in plan.chunks if c.req_id == 4).start == 8
@@ -100,8 +100,8 @@ def test_replica_acks_that_come_before_the_steps_result_still_share_the_blocks()
     s = make(replicated_stages=2)
     s.add(req(1, SYSTEM + [1], max_tokens=2))
     plan = s.schedule(0)
-    s.on_replica_ack(0, 0, ((1, 0, 9),))
-    s.on_replica_ack(0, 1, ((1, 0, 9),))
+    s.on_replica_ack(0, 0, ((1, 0, 0, 9),))
+    s.on_replica_ack(0, 1, ((1, 0, 0, 9),))
     s.update_from_output(plan.step_id, {1: 7})
     step(s)  # its last token: it ends without another ack
     assert s.num_running() == 0
@@ -114,8 +114,8 @@ def test_a_failover_keeps_the_cache_but_claims_no_replica_where_there_is_none():
     s = make(replicated_stages=2)
     s.add(req(1, SYSTEM + [1], max_tokens=10))
     step(s)
-    s.on_replica_ack(0, 0, ((1, 0, 9),))
-    s.on_replica_ack(0, 1, ((1, 0, 9),))
+    s.on_replica_ack(0, 0, ((1, 0, 0, 9),))
+    s.on_replica_ack(0, 1, ((1, 0, 0, 9),))
     # stage 1 fails: its buddy's replica, which holds every published block, serves from now on
     s.pause(0)
     s.resume_after_failover(0, 1)
@@ -135,8 +135,8 @@ def test_a_new_replica_holder_starts_the_cache_anew_so_that_later_requests_repli
     s = make(replicated_stages=2)
     s.add(req(1, SYSTEM + [1], max_tokens=2))
     step(s)
-    s.on_replica_ack(0, 0, ((1, 0, 9),))
-    s.on_replica_ack(0, 1, ((1, 0, 9),))
+    s.on_replica_ack(0, 0, ((1, 0, 0, 9),))
+    s.on_replica_ack(0, 1, ((1, 0, 0, 9),))
     step(s)  # request 1 ends; its prompt's blocks stay in the cache
     s.new_replica_holder(0, 1)
     s.add(req(2, SYSTEM + [2], max_tokens=10))
@@ -144,7 +144,7 @@ def test_a_new_replica_holder_starts_the_cache_anew_so_that_later_requests_repli
     chunk = next(c for c in plan.chunks if c.req_id == 2)
     assert chunk.start == 0  # not shared: the new holder does not have those blocks
     for stage in (0, 1):  # what the sources ack for what the step wrote
-        s.on_replica_ack(0, stage, ((2, chunk.start, chunk.start + chunk.num_tokens),))
+        s.on_replica_ack(0, stage, ((2, 0, chunk.start, chunk.start + chunk.num_tokens),))
     assert s.requests[2].replicated == {0: 9, 1: 9}
     resumed = dict((rid, (how, n)) for rid, how, n in s.resume_after_failover(0, 1))
     assert resumed[2] == ("replica", 0)

@@ -221,12 +221,30 @@ def test_replica_watermark_grows_only_over_contiguous_spans():
     s = make()
     s.add(req(1, prompt_len=8, max_tokens=10))
     run_step(s, 0)
-    s.on_replica_ack(0, 1, ((1, 4, 9),))  # a holder that missed tokens 0-3 claims nothing
+    s.on_replica_ack(0, 1, ((1, 0, 4, 9),))  # a holder that missed tokens 0-3 claims nothing
     assert s.requests[1].replicated.get(1, 0) == 0
-    s.on_replica_ack(0, 1, ((1, 0, 8),))
-    s.on_replica_ack(0, 1, ((1, 8, 9),))
+    s.on_replica_ack(0, 1, ((1, 0, 0, 8),))
+    s.on_replica_ack(0, 1, ((1, 0, 8, 9),))
     assert s.requests[1].replicated[1] == 9
     assert s.resume_after_failover(0, 1) == [(1, "replica", 0)]
+
+
+def test_a_replica_ack_of_an_earlier_admission_of_the_request_claims_nothing():
+    """The request's KV was shipped, then it went back to waiting (its pipeline went down) and was
+    admitted again into other blocks. An ack of the old shipment arriving now must not claim the
+    new blocks are replicated: a failover would resume from KV the holder does not have."""
+    s = make(replicated_stages=2)
+    s.add(req(1, prompt_len=8, max_tokens=10))
+    first, _ = run_step(s, 0)
+    assert [c.epoch for c in first.chunks] == [0]
+    s.deactivate(0)  # its requests replay: back to waiting, blocks freed
+    s.activate(0)
+    again = s.schedule(0)
+    assert [c.epoch for c in again.chunks] == [1]
+    s.on_replica_ack(0, 1, ((1, 0, 0, 9),))  # the late ack of the first admission's KV
+    assert s.requests[1].replicated.get(1, 0) == 0
+    s.on_replica_ack(0, 1, ((1, 1, 0, 8),))  # this admission's
+    assert s.requests[1].replicated[1] == 8
 
 
 def test_failed_steps_are_counted_until_one_succeeds():

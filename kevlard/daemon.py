@@ -80,12 +80,16 @@ async def _end_streams_after(engine, seconds: float) -> None:
 
 
 def _listen(server) -> socket.socket:
-    """A socket bound to server.host:server.port (uvicorn listens on it once the daemon is ready)."""
+    """A socket listening on server.host:server.port (uvicorn accepts on it once the daemon is
+    ready; a connection made meanwhile waits in the backlog). Listening at once holds the port:
+    bound but not listening, a second daemon could bind it too (both with SO_REUSEADDR), load a
+    model, write its admin token over the first one's file, and only then fail."""
     family = socket.AF_INET6 if ":" in server.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((server.host, server.port))
+        sock.listen(2048)
     except OSError as e:
         sock.close()
         raise ConfigError(f"server.port: cannot listen on {server.host}:{server.port}: {e.strerror or e}") from e
@@ -258,7 +262,8 @@ async def _run_http(config: Config, engine, t0: float, after_ready, listener: so
     while not server.started and not task.done():
         await asyncio.sleep(0.02)
     if task.done():
-        task.result()  # raises the bind error
+        remove_token_file(token_file, admin_token)
+        task.result()  # raises the error
         return 1
     host, port = server.servers[0].sockets[0].getsockname()[:2]
     log.info("ready in %.1f s: serving %s on http://%s:%d", time.monotonic() - t0, engine.model_name, host, port)

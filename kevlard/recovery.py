@@ -338,8 +338,8 @@ class Recovery:
             cluster.workers[spare].stage = s
             cluster.workers[spare].layers = cluster.workers[current].layers if current in cluster.workers else None
             cluster.workers[spare].pipelines = {p}
-            if current in cluster.workers:
-                cluster.workers[current].pipelines.discard(p)
+            if current in cluster.workers and cluster.workers[current].state != "dead":
+                cluster.workers[current].pipelines.discard(p)  # (a dead one keeps what it served, for the page)
             held = False
             self._release(p)
             self._rehost_failures.pop((p, s), None)

@@ -181,3 +181,24 @@ def test_a_restarted_worker_that_hangs_while_starting_is_fenced_and_the_restart_
         wait_for_log(daemon, rf"event failure worker={stopped} reason=hang ", timeout=60)
         assert_same(got, reference)
         wait_for_log(daemon, r"event restore .*how=restart", timeout=60)
+
+
+def test_a_stage_and_its_buddy_killed_together_are_replayed_and_each_dead_worker_keeps_what_it_served(
+        model_dir, reference, tmp_path):
+    """Both workers of stage 1 killed 0.1 s apart (the second while it serves both pipelines): every
+    request completes by replay, and /api/cluster (and the page) still says which stages each dead
+    worker served; the second one's used to read "no stage" once both stages were restored."""
+    with running_daemon(daemon_args(model_dir, tmp_path), tmp_path) as daemon:
+        url = daemon.url
+        routes = [pl["route"] for pl in httpx.get(url + "/api/cluster").json()["pipelines"]]
+
+        def kill_stage_and_buddy():
+            inject(url, routes[0][1], "kill")
+            time.sleep(0.1)
+            inject(url, routes[1][1], "kill")
+
+        assert_same(run_load(url, kill_stage_and_buddy), reference)
+        snap = wait_restored(url)
+        served = {w["id"]: w["served"] for w in snap["workers"] if w["state"] == "dead"}
+        assert served[routes[0][1]] and served[routes[1][1]], served
+        assert {(s["pipeline"], s["stage"]) for s in served[routes[1][1]]} >= {(1, 1)}

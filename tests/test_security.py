@@ -126,3 +126,18 @@ def test_a_port_in_use_fails_at_once_naming_the_field(tmp_path):
     assert done.returncode == 2, done.stderr
     assert f"server.port: cannot listen on 127.0.0.1:{port}" in done.stderr
     assert "spawned" not in done.stderr  # no worker was started
+
+
+def test_a_daemon_still_loading_holds_its_port_against_a_second_one():
+    """The port is listened on from the first moment, not only once the model is loaded: bound but
+    not listening, a second daemon's bind succeeded too (both SO_REUSEADDR), and it loaded a model
+    and wrote its admin token over the first one's before it failed."""
+    from kevlard.daemon import _listen
+
+    server = ServerConfig(port=free_port())
+    first = _listen(server)
+    try:
+        with pytest.raises(ConfigError, match=f"server.port: cannot listen on 127.0.0.1:{server.port}"):
+            _listen(server).close()
+    finally:
+        first.close()

@@ -42,10 +42,11 @@ STATIC_DIR = DATA_DIR / "static"
 # listed here is neither logged nor triggers a refresh. Add new kinds as the engine grows them.
 EVENT_KINDS = (
     "worker_state", "failure", "fault_injected", "reroute", "reroute_failed", "rehost",
-    "rehost_failed", "restore", "restore_waiting", "request_resumed", "replica_lag",
+    "rehost_failed", "restore", "restore_waiting", "request_resumed", "request_failed", "replica_lag",
+    "replica_paired", "replica_pairing_failed", "handback_failed", "route_linked", "route_link_failed",
     "pipeline_down", "no_route", "step_deadline", "spare_failed", "restart", "restart_failed",
-    "monitor_stalled",
-)
+    "restart_reload_emulated", "monitor_stalled",
+)  # every kind the daemon emits (tests/web/test_dashboard.py checks the source against it)
 
 # The page loads only its own files and talks only to its own origin; it may not be framed
 # (its buttons inject faults), and it leaks no URL through Referer.

@@ -100,3 +100,15 @@ def test_request_timings_window_and_percentiles():
     assert s["latency_p50_s"] == 49 and s["latency_p99_s"] == 98
     assert timings.summary(now=1100.0)["requests"] == 0  # all older than the window
     assert percentile([], 50) is None and percentile([3.0], 99) == 3.0
+
+
+def test_the_page_listens_for_every_event_kind_the_daemon_emits():
+    """The event log subscribes to named SSE events: a kind missing from EVENT_KINDS never shows
+    (replica_paired, handback_failed, request_failed... did not)."""
+    from pathlib import Path
+
+    from kevlard.web.dashboard import EVENT_KINDS
+
+    source = "".join(p.read_text() for p in (Path(__file__).parents[2] / "kevlard").rglob("*.py"))
+    emitted = set(re.findall(r'\.emit\(\s*"([a-z_]+)"', source))
+    assert len(emitted) > 20 and emitted <= set(EVENT_KINDS), sorted(emitted - set(EVENT_KINDS))

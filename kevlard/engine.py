@@ -132,7 +132,12 @@ class KevlarEngine:
     def snapshot(self) -> dict:
         snap = self.cluster.snapshot()
         for pl in snap["pipelines"]:  # a worker of it missed heartbeats: new requests go elsewhere
-            pl["quiet"] = pl["id"] in self.scheduler.quiet
+            p = pl["id"]
+            pl["quiet"] = p in self.scheduler.quiet
+            # each pipeline's own (the page's worker cards show their pipelines', not the daemon's)
+            pl["num_running"] = len(self.scheduler.running[p])
+            pl["kv_usage"] = round(self.scheduler.blocks[p].usage, 4)
+            pl["replica_lag_tokens"] = self.replica_lag(p)
         snap.update({
             "model": self.model_name,
             "num_running": self.scheduler.num_running(),
@@ -145,12 +150,15 @@ class KevlarEngine:
         })
         return snap
 
-    def replica_lag(self) -> int:
-        """Tokens computed but not yet replicated, summed over running requests and stages."""
+    def replica_lag(self, pipeline: int | None = None) -> int:
+        """Tokens computed but not yet replicated, summed over running requests and stages (of one
+        pipeline, or of all)."""
         if not self.cluster.replication:
             return 0
         lag = 0
         for p, running in enumerate(self.scheduler.running):
+            if pipeline is not None and p != pipeline:
+                continue
             for s in range(len(self.cluster.routes[p])):
                 if self.cluster.replica_holder.get((p, s)) is None:
                     continue

@@ -107,7 +107,13 @@ def test_disconnecting_client_aborts_and_frees_its_blocks(smol):
                 "max_tokens": 400, "stream": True, "ignore_eos": True}) as r:
             for line in r.iter_lines():
                 if line.startswith("data: ") and '"content"' in line:
+                    # each pipeline reports its own load (the page's worker cards show it): one runs it
+                    with smol.client() as other:
+                        pipes = other.get("/api/cluster").json()["pipelines"]
                     break  # got a token: now hang up
+        assert sorted(p["num_running"] for p in pipes) == [0] * (len(pipes) - 1) + [1], pipes
+        busy = next(p for p in pipes if p["num_running"])
+        assert busy["kv_usage"] > 0 and all(p["kv_usage"] == 0 for p in pipes if p is not busy), pipes
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             snap = client.get("/api/cluster").json()

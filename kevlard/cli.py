@@ -331,7 +331,11 @@ def _seconds(text: str) -> float:
 
 
 def _worker_id(text: str) -> int | str:
-    return int(text) if text.isdecimal() else text
+    """An integer as one (a negative one too: the daemon names it unknown), else as typed."""
+    try:
+        return int(text)
+    except ValueError:
+        return text
 
 
 def _request(method: str, url: str, path: str, **kwargs: Any) -> Any:

@@ -143,8 +143,8 @@ class Config:
                "must not exceed server.max_tokens_limit", self.server.default_max_tokens)
         _check(self.kv.block_size in (1, 2, 4, 8, 16, 32, 64, 128), "kv.block_size",
                "must be a power of two in 1..128", self.kv.block_size)
-        _check(self.kv.num_blocks >= 0, "kv.num_blocks", "must be >= 0", self.kv.num_blocks)
-        _check(self.kv.memory_mb >= 1, "kv.memory_mb", "must be >= 1", self.kv.memory_mb)
+        _check(0 <= self.kv.num_blocks <= 1 << 30, "kv.num_blocks", "must be in 0..2^30", self.kv.num_blocks)
+        _check(1 <= self.kv.memory_mb <= 1 << 24, "kv.memory_mb", "must be in 1..16777216 (16 TiB)", self.kv.memory_mb)
         _check(0.0 <= self.kv.replica_fraction < 1.0, "kv.replica_fraction", "must be in [0, 1)",
                self.kv.replica_fraction)
         _check(1 <= self.kv.replication_interval_ms <= 10_000, "kv.replication_interval_ms", "must be in 1..10000",

@@ -152,3 +152,10 @@ def test_fault_duration_must_be_a_finite_number_of_seconds(value, capsys):
         main(["fault", "--url", "http://127.0.0.1:9", "--worker", "0", "--kind", "slow", "--duration-s", value])
     assert excinfo.value.code == 2
     assert "--duration-s" in capsys.readouterr().err
+
+
+def test_a_fault_names_a_negative_worker_as_a_number_for_the_daemon_to_call_unknown():
+    from kevlard.cli import _worker_id
+
+    assert _worker_id("3") == 3 and _worker_id("-1") == -1  # "-1" was sent as a string: "not an integer"
+    assert _worker_id("three") == "three"  # as typed: the daemon's 400 names it

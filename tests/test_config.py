@@ -83,6 +83,8 @@ def test_parse_devices():
         ("[model]\ndtype = 16\n", {}, "model.dtype"),
         ("[kv]\nblock_size = 3\n", {}, "kv.block_size"),
         ("[kv]\nreplication_interval_ms = 0\n", {}, "kv.replication_interval_ms"),
+        ("[kv]\nmemory_mb = 1e20\n", {}, "kv.memory_mb"),  # failed only once the workers allocated it
+        ("[kv]\nnum_blocks = 100000000000000\n", {}, "kv.num_blocks"),
         ("[health]\nheartbeat_interval_s = 1.0\nheartbeat_timeout_s = 1.0\n", {}, "health.heartbeat_timeout_s"),
         ("[health]\nheartbeat_interval_s = 2.0\nheartbeat_timeout_s = 1.0\n", {}, "health.heartbeat_timeout_s"),
         ("server = 3\n", {}, "server"),

@@ -218,6 +218,7 @@ async def _run_http(config: Config, engine, t0: float, after_ready, listener: so
 
     from kevlard import metrics, systemd
     from kevlard.admin_token import new_admin_token, remove_token_file, resolve_admin_token
+    from kevlard.logs import announce
     from kevlard.web.app import close_streams, create_app
     from kevlard.web.ops_api import metrics_route
 
@@ -267,14 +268,14 @@ async def _run_http(config: Config, engine, t0: float, after_ready, listener: so
         return 1
     host, port = server.servers[0].sockets[0].getsockname()[:2]
     log.info("ready in %.1f s: serving %s on http://%s:%d", time.monotonic() - t0, engine.model_name, host, port)
-    print(f"kevlard: serving {engine.model_name} on http://{host}:{port}", flush=True)
+    announce(config.log_format, f"kevlard: serving {engine.model_name} on http://{host}:{port}")
     if token_file is not None:
-        print(f"kevlard: admin token written to {token_file} (owner-only); dashboard: "
-              f"http://{host}:{port}/?token={admin_token}", flush=True)
+        announce(config.log_format, f"kevlard: admin token written to {token_file} (owner-only); dashboard: "
+                                    f"http://{host}:{port}/?token={admin_token}")
     elif unwritten is not None:
         log.warning("cannot write the admin token file (%s); the token is only in the dashboard link below",
                     unwritten)
-        print(f"kevlard: dashboard: http://{host}:{port}/?token={admin_token}", flush=True)
+        announce(config.log_format, f"kevlard: dashboard: http://{host}:{port}/?token={admin_token}")
     notifier.notify("READY=1", f"STATUS={status()}")
     watches = [asyncio.create_task(after_ready()), counting, asyncio.create_task(notifier.watchdog(status)),
                asyncio.create_task(_watch_capacity(engine, config.scheduler.no_route_wait_s, unrecoverable))]

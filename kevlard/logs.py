@@ -32,3 +32,15 @@ def setup_logging(log_format: str, worker: int | None = None) -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
     root.propagate = False
+
+
+def announce(log_format: str, message: str) -> None:
+    """A line for whoever started the daemon (where it serves, the dashboard link), on stdout: as
+    typed, or with `log_format = "json"` as one JSON object like every log line, so that a journal
+    read as JSON holds no plain line."""
+    if log_format == "json":
+        import time
+
+        message = json.dumps({"time": round(time.time(), 3), "level": "info", "logger": "kevlard",
+                              "message": message})
+    print(message, flush=True)

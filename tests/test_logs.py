@@ -33,3 +33,13 @@ def test_text_lines_of_a_worker_say_which_one_and_the_daemons_do_not(capsys):
     logging.getLogger("kevlard").info("ready")
     err = capsys.readouterr().err
     assert " INFO kevlard: ready" in err and "[worker" not in err
+
+
+def test_what_the_daemon_tells_its_starter_is_json_too_when_the_logs_are(capsys):
+    from kevlard.logs import announce
+
+    announce("json", "kevlard: serving m on http://127.0.0.1:8000")
+    announce("text", "kevlard: dashboard: http://127.0.0.1:8000/?token=t")
+    json_line, text_line = capsys.readouterr().out.splitlines()
+    assert json.loads(json_line)["message"] == "kevlard: serving m on http://127.0.0.1:8000"
+    assert text_line == "kevlard: dashboard: http://127.0.0.1:8000/?token=t"

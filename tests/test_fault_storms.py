@@ -41,14 +41,23 @@ class StartUpKiller(threading.Thread):
         self.killed: list[int] = []
         self.stop_flag = threading.Event()
 
+    def children(self) -> list[int]:
+        # the kernel's list of the fork server's children: a few microseconds, where psutil's scan of
+        # /proc took long enough on a busy host for a warm worker to be ready first (~15 ms)
+        try:
+            with open(f"/proc/{self.server.pid}/task/{self.server.pid}/children") as f:
+                return [int(pid) for pid in f.read().split()]
+        except OSError:
+            return [child.pid for child in self.server.children()]
+
     def run(self) -> None:
         while len(self.killed) < self.count and not self.stop_flag.is_set():
-            for child in self.server.children():
-                if child.pid not in self.known:
-                    self.known.add(child.pid)
-                    os.kill(child.pid, self.sig)
-                    self.killed.append(child.pid)
-            time.sleep(0.001)
+            for pid in self.children():
+                if pid not in self.known:
+                    self.known.add(pid)
+                    os.kill(pid, self.sig)
+                    self.killed.append(pid)
+            time.sleep(0.0005)
 
 
 def wait_for_log(daemon, pattern: str, timeout: float = 30.0) -> None:

@@ -42,8 +42,8 @@ WHY = {
                 "the 60 s reload; the paper's 500x TTFT comes from requests waiting out a 10-minute restart. "
                 "At 8 requests/s the machine is near saturation: every pass, the failure-free one too, has "
                 "TTFT bumps of its own (see the plot)",
-    "emulated_one": "kevlard's own first tokens bound the ratio: its failure-window TTFT is about 0.1 s on two "
-                    "shared cores, failure-free too, so a 60 s reload, which a request arriving at a random "
+    "emulated_one": "kevlard's own first tokens bound the ratio: its failure-window TTFT is a tenth to a few tenths of a "
+                    "second on two shared cores (the table above), failure-free too, so a 60 s reload, which a request arriving at a random "
                     "moment of it waits half of on average, gives a few hundred x at most; the paper's restart "
                     "took 10 minutes",
     "recomputed": "requests whose replica lagged by more than a block when the worker died",

@@ -8,6 +8,7 @@
   const WINDOW_S = 300; // the charts' time span
   const CHART_EVERY_S = 0.9; // at most one chart sample per poll, not one per event refresh
   const MAX_EVENTS = 300;
+  const SEEN_EVENTS = 2000; // events remembered to drop a replay's repeats: far more than a replay holds
   const FETCH_TIMEOUT_MS = 5000;
   const FAULT_LABELS = { kill: "kill", hang: "hang", slow: "slow", device_error: "device error" };
 
@@ -375,6 +376,8 @@
     const key = `${ev.time}|${ev.kind}|${ev.worker}`;
     if (seenEvents.has(key)) return; // a reconnect replays the latest events
     seenEvents.add(key);
+    // remembered for as long as a replay can repeat them (the stream's last 100), not forever
+    if (seenEvents.size > SEEN_EVENTS) seenEvents.delete(seenEvents.values().next().value);
     const li = el("li");
     li.dataset.kind = ev.kind;
     const time = el("time", "", clock(ev.time));
@@ -390,14 +393,18 @@
     while (log.children.length > MAX_EVENTS) log.lastElementChild.remove();
   }
 
-  const eventLog = $("event-log");
-  eventLog.addEventListener("htmx:sseMessage", (e) => {
+  // static/event_stream.js: this tab's stream, or the one another tab of the browser shares
+  const source = $("event-source");
+  source.addEventListener("kevlard:event", (e) => {
     logEvent(e.detail.type, e.detail.data);
     scheduleRefresh();
   });
-  const source = $("event-source");
-  source.addEventListener("htmx:sseOpen", () => { $("conn").className = "conn open"; $("conn").title = "event stream connected"; });
-  source.addEventListener("htmx:sseError", () => { $("conn").className = "conn closed"; $("conn").title = "event stream lost, reconnecting"; });
+  source.addEventListener("kevlard:stream", (e) => {
+    const { open, shared } = e.detail;
+    $("conn").className = `conn ${open ? "open" : "closed"}`;
+    $("conn").dataset.shared = shared ? "true" : "false";
+    $("conn").title = `event stream ${open ? "connected" : "lost, reconnecting"}${shared ? " (shared by another tab of this browser)" : ""}`;
+  });
 
   // ------------------------------------------------------------------ prompt box
 

@@ -151,3 +151,47 @@ def test_a_pipeline_with_a_worker_whose_heartbeats_are_late_shows_as_quiet(tmp_p
             expect(page.locator(f'.card[data-worker="{victim}"]')).not_to_have_attribute("data-state", "dead")
         finally:
             browser.close()
+
+
+def test_many_tabs_of_one_browser_share_one_event_stream(tmp_path):
+    """A browser opens at most 6 HTTP/1.1 connections to a host and each /api/events stream holds
+    one: with a stream per tab, the seventh tab's page (and the polls of all) stalled. The tabs of
+    one browser share one stream; every tab still logs every event, also once the tab that held
+    the stream is closed."""
+    from playwright.sync_api import expect, sync_playwright
+
+    model_dir = make_tiny_model(tmp_path, "llama", num_layers=4)
+    with running_daemon(daemon_args(model_dir, tmp_path), tmp_path) as daemon, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=60_000)
+        try:
+            context = browser.new_context(viewport={"width": 1200, "height": 900})
+            context.set_default_timeout(30_000)
+            streams: list[str] = []
+            context.on("request", lambda req: streams.append(req.url) if req.url.endswith("/api/events") else None)
+            errors: list[str] = []
+            pages = []
+            for _ in range(8):
+                page = context.new_page()
+                page.on("pageerror", lambda exc: errors.append(str(exc)))
+                page.goto(f"{daemon.url}/?token={TOKEN}")
+                pages.append(page)
+            for page in pages:  # each tab's polls got through: the cards are drawn
+                expect(page.locator(".card[data-worker]")).to_have_count(5)
+                expect(page.locator("#conn")).to_have_class("conn open")
+
+            def inject_and_see(worker: int, tabs) -> None:
+                r = httpx.post(daemon.url + "/api/faults", json={"worker": worker, "kind": "slow", "duration_s": 0.5},
+                               headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
+                assert r.status_code == 202, r.text
+                for page in tabs:
+                    expect(page.locator(f"#event-log li[data-kind='fault_injected']",
+                                        has_text=f"w{worker}")).to_have_count(1)
+
+            inject_and_see(0, pages)
+            assert len(streams) == 1, streams
+            pages[0].close()  # the tab holding the stream: another one takes it over
+            inject_and_see(1, pages[1:])
+            assert len(streams) == 2, streams
+            assert errors == [], errors
+        finally:
+            browser.close()

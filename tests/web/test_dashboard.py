@@ -27,7 +27,7 @@ def test_page_without_token_is_read_only(url):
     assert r.headers["content-type"].startswith("text/html")
     assert 'data-admin="false"' in r.text
     assert "Read-only view" in r.text
-    assert 'sse-connect="/api/events"' in r.text
+    assert 'data-sse-url="/api/events"' in r.text  # static/event_stream.js connects it in one tab
     assert "frame-ancestors 'none'" in r.headers["content-security-policy"]
 
 
@@ -67,7 +67,8 @@ def test_no_admin_token_configured_refuses_every_token():
 def test_vendored_static_files_are_served(url):
     page = httpx.get(url + "/", timeout=10).text
     scripts = re.findall(r'src="(/static/[^"]+)"', page)
-    assert {"/static/htmx.min.js", "/static/htmx-ext-sse.min.js", "/static/dashboard.js"} <= set(scripts)
+    assert {"/static/htmx.min.js", "/static/htmx-ext-sse.min.js", "/static/dashboard.js",
+            "/static/event_stream.js"} <= set(scripts)
     for path in [*scripts, *re.findall(r'href="(/static/[^"]+)"', page)]:
         r = httpx.get(url + path, timeout=10)
         assert r.status_code == 200, path

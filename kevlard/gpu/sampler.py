@@ -1,20 +1,31 @@
 """Sampling on the last stage: greedy, temperature, top-k, top-p.
 
-Each draw is seeded by (request seed, output index) alone, so a request's sampled tokens are the
+Each draw is a uniform number made from (request seed, output index) alone, so a request's sampled tokens are the
 same whatever batch, worker or replay produced them.
 """
 from __future__ import annotations
 
 import torch
 
-_MIX = 0x9E3779B97F4A7C15
-_MASK = (1 << 63) - 1
+_M64 = (1 << 64) - 1
 # in StepDone, the token of a request whose sampling raised: that request fails alone, not the step
 SAMPLING_FAILED = -1
 
 
-def draw_seed(seed: int, output_index: int) -> int:
-    return ((seed * 6364136223846793005) ^ ((output_index + 1) * _MIX)) & _MASK
+def _splitmix64(x: int) -> int:
+    """A bijection of 64-bit integers that mixes every input bit into every output bit."""
+    x = (x + 0x9E3779B97F4A7C15) & _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
+
+
+def draw_uniform(seed: int, output_index: int) -> float:
+    """The uniform number in [0, 1) of a request's `output_index`-th draw, from all 64 bits of its
+    seed. Not torch's generator: a CPU one is seeded from the low 32 bits of its seed only, so
+    seeds 1 and 1 + 2**32 sampled the same text."""
+    h = _splitmix64(_splitmix64(seed & _M64) ^ output_index)
+    return (h >> 11) / float(1 << 53)
 
 
 def sample_row(logits: torch.Tensor, temperature: float, top_p: float, top_k: int, seed: int,
@@ -42,5 +53,11 @@ def sample_row(logits: torch.Tensor, temperature: float, top_p: float, top_k: in
         drop = cumulative - sorted_probs > top_p  # keep the smallest prefix whose mass reaches top_p
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-    gen = torch.Generator(device=logits.device).manual_seed(draw_seed(seed, output_index))
-    return int(torch.multinomial(probs, 1, generator=gen))
+    # inverse CDF: the first token whose cumulative probability exceeds the draw (a token of
+    # probability 0 adds nothing to the sum, so it is never the one)
+    cdf = torch.cumsum(probs, dim=-1)
+    target = torch.tensor([draw_uniform(seed, output_index)], dtype=torch.float64, device=cdf.device) * cdf[-1]
+    token = int(torch.searchsorted(cdf, target, right=True))
+    if token >= cdf.shape[0]:  # the draw rounded up to the total: the last token that can be drawn
+        token = int(torch.nonzero(probs > 0)[-1])
+    return token

@@ -34,3 +34,14 @@ def test_sampling_is_reproducible_from_the_seed_and_follows_the_distribution():
     # top_p 0.75 keeps the two likeliest; top_k 1 is greedy
     assert {sample_row(logits, 1.0, 0.75, 0, seed, 0) for seed in range(200)} == {0, 1}
     assert {sample_row(logits, 1.0, 1.0, 1, seed, 0) for seed in range(50)} == {0}
+
+
+def test_seeds_that_differ_only_in_their_high_bits_sample_differently():
+    """torch's CPU generator reads the low 32 bits of a seed: seeds 1 and 1 + 2**32 (and s and
+    s - 2**63, both valid API seeds) sampled the same tokens."""
+    logits = torch.zeros(1000)  # uniform: two independent draws agree one time in a thousand
+    for base in (1, 12345, -7):
+        for other in (base + 2 ** 32, base + 2 ** 40, base - 2 ** 63 if base > 0 else base + 2 ** 63):
+            a = [sample_row(logits, 1.0, 1.0, 0, base, i) for i in range(8)]
+            b = [sample_row(logits, 1.0, 1.0, 0, other, i) for i in range(8)]
+            assert a != b, (base, other)

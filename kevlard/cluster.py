@@ -39,9 +39,11 @@ class WorkerState:
     steps_done: int = 0
     computing_s: float = 0.0  # its last heartbeat: how long its current step had computed
     ready: asyncio.Future | None = None
+    replica_share: tuple[int, int, int] | None = None  # (pid, fd, size) of its shared replica pool (CPU)
 
 
 SHM_DIR = "/dev/shm"
+PREPARE_WAIT_S = 10.0  # a new spare waits at most this long for a rehost to end before preparing
 RELEASE_AFTER_S = 2.0  # a dead worker's handle is closed this long after its death (then retried)
 DEAD_SHOWN = 8  # dead workers listed in a snapshot: the most recent ones
 
@@ -76,6 +78,9 @@ class Cluster:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.on_message: Callable[[int, object], None] = lambda wid, msg: None
         self.on_death: Callable[[int], None] = lambda wid: None
+        # the PrepareKV a spare gets once ready (daemon.py knows the KV's geometry); None: none
+        self.prepare_command: Callable[[], m.PrepareKV] | None = None
+        self._preparing: set[asyncio.Task] = set()
 
     # ---------------------------------------------------------------- start-up
 
@@ -101,7 +106,32 @@ class Cluster:
         for wid in self.topology.spare_ids:
             if self.workers[wid].state == "starting":
                 self.workers[wid].state = "spare"
+                self.prepare_spare(wid)
         log.info("%d spare worker(s) ready", len(self.topology.spare_ids))
+
+    def prepare_spare(self, wid: int) -> None:
+        """The spare allocates its KV memory now, so that a rehost after a failure need not (a few
+        tenths of a second of a busy host's CPU): once no other spare is rehosting, whose CPU this
+        would take. A spare taken meanwhile allocates it as it hosts its stage, as before."""
+        if self.prepare_command is None:
+            return
+
+        async def prepare() -> None:
+            deadline = time.monotonic() + PREPARE_WAIT_S
+            while any(w.state == "rehosting" for w in self.workers.values()) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            w = self.workers.get(wid)
+            if w is None or w.state != "spare":
+                return
+            try:
+                info = await self.command(wid, self.prepare_command())
+                log.debug("spare %d prepared its KV memory in %s s", wid, info.get("prepare_s"))
+            except Exception as e:  # its HostStage allocates the memory then; a dead spare is seen elsewhere
+                log.warning("spare %d could not prepare its KV memory: %s", wid, e)
+
+        task = self.loop.create_task(prepare())
+        self._preparing.add(task)
+        task.add_done_callback(self._preparing.discard)
 
     async def start(self, stage_commands: Callable[[int], m.HostStage]) -> None:
         """Host each pipeline's stages and open each pipeline's links."""
@@ -201,6 +231,9 @@ class Cluster:
             self._pending.pop(msg.cmd_id, None)
         if done.error:
             raise WorkerStartError(f"worker {wid}: {type(msg).__name__} failed: {done.error}")
+        if isinstance(msg, m.HostStage) and wid in self.workers:
+            share = (done.info or {}).get("replica_share")
+            self.workers[wid].replica_share = tuple(share) if share else None
         return done.info
 
     def stop_replicating(self, source: int, holder: int) -> None:

@@ -133,7 +133,7 @@ async def _load_and_serve(config: Config, topo, cluster, t0: float, listener: so
     from kevlard.engine import KevlarEngine
     from kevlard.gpu.kv_cache import bytes_per_block
     from kevlard.gpu.weight_store import HostWeightStore
-    from kevlard.messages import HostStage
+    from kevlard.messages import HostStage, PrepareKV
     from kevlard.model_source import resolve_model
     from kevlard.recovery import Recovery
     from kevlard.topology import split_layers
@@ -182,6 +182,9 @@ async def _load_and_serve(config: Config, topo, cluster, t0: float, listener: so
                              str(source.weights_dir) if from_disk else None,
                              replication_interval_s=config.kv.replication_interval_ms / 1000)
 
+        cluster.prepare_command = lambda: PrepareKV(cluster.next_cmd_id(), max_layers, num_blocks, replica_blocks,
+                                                    config.kv.block_size, spec.num_kv_heads, spec.head_dim,
+                                                    config.model.dtype)
         await cluster.start(stage_command)
         # one request must fit in one pipeline's KV blocks
         max_model_len = min(max_model_len, num_blocks * config.kv.block_size)

@@ -82,13 +82,29 @@ class Step:
 
 
 @dataclass(frozen=True)
+class PrepareKV:
+    """A spare allocates, while it stands by, the KV memory of the largest stage and of its replica
+    pool, which its HostStage then takes (gpu/hosting.prepare_kv)."""
+    cmd_id: int
+    num_layers: int
+    num_blocks: int
+    replica_blocks: int
+    block_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str  # the model's: the KV is one precision above (gpu/kv_cache.attention_dtype)
+
+
+@dataclass(frozen=True)
 class MoveKV:
-    """Hand KV blocks over a link: `send` reads them from `pool`, the peer's `recv` writes its pool."""
+    """Hand KV blocks over a link: `send` reads them from `pool`, the peer's `recv` writes its pool;
+    `map` (CPU) copies them into `pool` from the peer's shared replica pool, `share` (pid, fd, size)."""
     cmd_id: int
     peer: int
-    direction: str  # send | recv
+    direction: str  # send | recv | map
     pool: str
     block_ids: tuple[int, ...]
+    share: tuple[int, int, int] = (0, -1, 0)
 
 
 # kill: SIGKILL from outside; the others are carried out inside the worker (gpu/worker.py)

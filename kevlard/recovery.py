@@ -286,7 +286,10 @@ class Recovery:
                 links.append(cluster.ensure_link(spare, route[s + 1]))
             current = route[s]
             hand_back = cluster.pool(p, s) == "replica" and cluster.workers[current].state == "healthy"
-            if hand_back:
+            # on CPU the spare copies the KV straight out of the buddy's shared replica pool: no link
+            share = cluster.workers[current].replica_share if hand_back else None
+            xfer = hand_back and share is None
+            if xfer:
                 links.append(cluster.open_link(current, spare, "xfer"))
             # every link the switch needs is opened while the pipeline still serves, all at once
             rewiring = asyncio.ensure_future(rewire_replicas(self, p, s, spare, current))
@@ -295,7 +298,7 @@ class Recovery:
             finally:
                 switch_replicas = await rewiring
             failed = [r for r in opened if isinstance(r, BaseException)]
-            if hand_back and failed and failed[-1] is opened[-1] and cluster.workers[current].state == "dead":
+            if xfer and failed and failed[-1] is opened[-1] and cluster.workers[current].state == "dead":
                 failed.pop()  # the buddy died meanwhile: no KV to take back, the spare recomputes it
                 hand_back = False
             if failed:
@@ -312,11 +315,15 @@ class Recovery:
             if hand_back and cluster.pool(p, s) == "replica" and cluster.workers[current].state == "healthy":
                 blocks = tuple(sched.block_ids_of(p))
                 try:
-                    if blocks:
+                    if blocks and share is not None:
+                        await cluster.command(spare, m.MoveKV(cluster.next_cmd_id(), current, "map", "primary",
+                                                              blocks, share=share))
+                    elif blocks:
                         await asyncio.gather(
                             cluster.command(current, m.MoveKV(cluster.next_cmd_id(), spare, "send", "replica", blocks)),
                             cluster.command(spare, m.MoveKV(cluster.next_cmd_id(), current, "recv", "primary", blocks)))
                     handed_back = True
+                    phases["handback_s"] = round(time.monotonic() - t_links - phases["drain_s"], 3)
                 except Exception as e:
                     if cluster.workers[spare].state == "dead":
                         raise  # the spare died: the pipeline stays on the buddy's replica, the next spare comes
@@ -382,6 +389,7 @@ class Recovery:
         if self.cluster.workers[wid].state == "starting":
             self.cluster.workers[wid].state = "spare"
             self.events.emit("worker_state", wid, state="spare", device=device)
+            self.cluster.prepare_spare(wid)
         await self.take_pending_restores()
 
     async def take_pending_restores(self) -> None:

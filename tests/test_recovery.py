@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from types import SimpleNamespace
 
+import pytest
+
 from kevlard.config import Config
 from kevlard.recovery import Recovery
 
@@ -19,9 +21,9 @@ class Recorder:
 
 
 def make_recovery(ensure_link):
-    workers = {w: SimpleNamespace(state="healthy") for w in range(4)}
+    workers = {w: SimpleNamespace(state="healthy", replica_share=None) for w in range(4)}
     cluster = SimpleNamespace(workers=workers, routes=[[0, 1], [2, 3]], pools={}, ensure_link=ensure_link,
-                              replica_holder={(0, 1): 3, (1, 1): 1})
+                              replica_holder={(0, 1): 3, (1, 1): 1}, prepare_spare=lambda wid: None)
     events: list = []
     engine = SimpleNamespace(cluster=cluster, scheduler=Recorder(), config=Config(), replica_blocks=8,
                              events=SimpleNamespace(emit=lambda kind, wid, **kw: events.append((kind, wid, kw))),
@@ -142,12 +144,14 @@ async def test_a_device_whose_spares_keep_dying_at_start_up_is_given_up(monkeypa
     assert not any(w.state == "spare" for w in cluster.workers.values())
 
 
-def make_restore(spare_dies_in):
+def make_restore(spare_dies_in, buddy_share=None, commands=None):
     """Pipeline 0's stage-1 worker (1) died and the pipeline serves through its buddy 3's replica;
-    spare 4 restores it and dies in the command named `spare_dies_in`."""
+    spare 4 restores it and dies in the command named `spare_dies_in`. `buddy_share`: the buddy's
+    replica pool is shared memory the spare can map (CPU). `commands` records (worker, message)."""
     recovery, cluster, events = make_recovery(ensure_link=None)
     cluster.workers[1].state = "dead"
-    cluster.workers[4] = SimpleNamespace(state="spare", layers=None, pipelines=set(), stage=None)
+    cluster.workers[3].replica_share = buddy_share
+    cluster.workers[4] = SimpleNamespace(state="spare", layers=None, pipelines=set(), stage=None, replica_share=None)
     for w in cluster.workers.values():
         w.layers, w.pipelines = (3, 6), set()
     cluster.routes, cluster.pools, cluster.replication = [[0, 3], [2, 3]], {(0, 1): "replica"}, False
@@ -159,6 +163,8 @@ def make_restore(spare_dies_in):
 
     async def command(wid, msg):
         await asyncio.sleep(0)
+        if commands is not None:
+            commands.append((wid, msg))
         if wid == 4 and type(msg).__name__ == spare_dies_in:
             cluster.workers[4].state = "dead"
             raise RuntimeError("worker 4 died (exit code -9)")
@@ -166,6 +172,8 @@ def make_restore(spare_dies_in):
 
     async def link(*args):
         await asyncio.sleep(0)
+        if commands is not None:
+            commands.append(("link", args))
 
     cluster.take_spare, cluster.command, cluster.ensure_link, cluster.open_link = take_spare, command, link, link
     cluster.pin = lambda *a: None
@@ -178,17 +186,40 @@ def make_restore(spare_dies_in):
     return recovery, cluster, events
 
 
-async def test_a_spare_that_dies_while_the_kv_is_handed_back_is_not_switched_to():
+@pytest.mark.parametrize("buddy_share", [None, (1234, 7, 4096)])
+async def test_a_spare_that_dies_while_the_kv_is_handed_back_is_not_switched_to(buddy_share):
     """The route stays on the buddy, whose replica keeps the requests (nothing replayed), and no dead
     worker is marked healthy (it was, then fenced again as hung a second later, and a second
     replacement spare was spawned for the one death)."""
-    recovery, cluster, events = make_restore(spare_dies_in="MoveKV")
+    recovery, cluster, events = make_restore(spare_dies_in="MoveKV", buddy_share=buddy_share)
     await recovery.restore(0, 1, failed_at=0.0)
     assert cluster.routes[0] == [0, 3] and cluster.pools == {(0, 1): "replica"}
     assert cluster.workers[4].state == "dead"
     assert recovery.counters["rehosts"] == 0 and [kind for kind, *_ in events][-1] == "rehost_failed"
     assert not any(call[0] == "resume_after_failover" for call in recovery.scheduler.calls)
     assert recovery._pending_restore == [(0, 1, 0.0)]  # the next spare restores it
+
+
+@pytest.mark.parametrize("buddy_share", [None, (1234, 7, 4096)])
+async def test_the_kv_is_handed_back_over_a_link_or_straight_from_the_buddys_shared_pool(buddy_share):
+    """On CPU the buddy's replica pool is shared memory: the spare copies the KV out of it itself
+    (no link to open, nothing for the busy buddy to do); elsewhere the buddy sends it over a link."""
+    commands: list = []
+    recovery, cluster, events = make_restore(spare_dies_in="nothing", buddy_share=buddy_share, commands=commands)
+    await recovery.restore(0, 1, failed_at=0.0)
+    assert cluster.routes[0] == [0, 4] and recovery.counters["rehosts"] == 1
+    moves = [(wid, msg.direction, msg.pool, msg.block_ids, msg.share) for wid, msg in commands
+             if type(msg).__name__ == "MoveKV"]
+    xfer = [args for wid, args in commands if wid == "link" and args[-1:] == ("xfer",)]
+    if buddy_share is None:
+        assert sorted(moves) == [(3, "send", "replica", (5, 6), (0, -1, 0)), (4, "recv", "primary", (5, 6), (0, -1, 0))]
+        assert xfer == [(3, 4, "xfer")]
+    else:
+        assert moves == [(4, "map", "primary", (5, 6), buddy_share)]
+        assert xfer == []
+    restore = [kw for kind, _, kw in events if kind == "restore"][0]
+    assert restore["handback_s"] >= 0
+    assert not any(call[0] == "resume_after_failover" for call in recovery.scheduler.calls)
 
 
 async def test_repeated_rehost_failures_of_a_stage_back_off(monkeypatch):

@@ -15,6 +15,7 @@ import time
 import traceback
 
 from kevlard import messages as m
+from kevlard.gpu import hosting
 
 log = logging.getLogger("kevlard.worker")
 
@@ -31,6 +32,7 @@ class Worker:
         self._send_lock = threading.Lock()
         self.stages: dict[int, object] = {}  # pipeline-independent: stage index -> StageModel
         self.replica_kv = None  # KVCache holding the lowest block ids of the pipeline it is buddy for
+        self.prepared_kv = None  # a spare's (own, replica pool) KVMemory, allocated while it stood by
         self.links: dict[tuple[str, int], object] = {}  # (purpose, peer worker id) -> Link
         self._links_lock = threading.Lock()
         self._opening: dict[tuple[str, int], str] = {}  # key -> name of the link being connected
@@ -90,7 +92,9 @@ class Worker:
         if isinstance(msg, m.Step):
             self._step(msg)
         elif isinstance(msg, m.HostStage):
-            self._reply(msg.cmd_id, self._host_stage, msg)
+            self._reply(msg.cmd_id, lambda msg: hosting.host_stage(self, msg), msg)
+        elif isinstance(msg, m.PrepareKV):
+            self._reply(msg.cmd_id, lambda msg: hosting.prepare_kv(self, msg), msg)
         elif isinstance(msg, m.OpenLink):
             # Connecting waits for the peer (up to the link timeout): on a thread of its own, so that
             # a peer dying half-way through the rendezvous never stalls this worker's steps or the
@@ -100,7 +104,7 @@ class Worker:
         elif isinstance(msg, m.CloseLink):
             self._reply(msg.cmd_id, self._close_link, msg)
         elif isinstance(msg, m.MoveKV):
-            self._reply(msg.cmd_id, self._move_kv, msg)
+            self._reply(msg.cmd_id, lambda msg: hosting.move_kv(self, msg), msg)
         elif isinstance(msg, m.Backfill):
             if self.replica_sender is not None:
                 self.replica_sender.backfill(msg.pipeline, msg.stage, msg.spans)
@@ -115,64 +119,6 @@ class Worker:
             self.send(m.CommandDone(self.id, cmd_id, None, info))
         except Exception as e:  # reported, not fatal: the daemon decides
             self.send(m.CommandDone(self.id, cmd_id, f"{type(e).__name__}: {e}"))
-
-    def _host_stage(self, msg: m.HostStage) -> dict:
-        from kevlard.gpu.kv_cache import KVCache, attention_dtype
-        from kevlard.gpu.stage import StageModel
-        from kevlard.gpu.weight_store import attach_stage, drop_mapped_pages
-
-        t0 = time.monotonic()
-        if msg.weights_dir is not None:
-            from kevlard.gpu.weight_store import load_stage_from_disk
-
-            weights = load_stage_from_disk(msg.weights_dir, msg.first_layer, msg.last_layer, msg.is_first,
-                                           msg.is_last, msg.dtype, str(self.device))
-        else:
-            weights = attach_stage(msg.handle, str(self.device))
-        packed = None
-        if msg.weights_dir is None and msg.handle.packed and self.device.type == "cpu":
-            from kevlard.gpu.packed import attach_packed, stage_keys
-
-            packed = attach_packed(msg.handle.packed_path, msg.handle.packed_bytes, msg.handle.packed,
-                                   stage_keys(msg.first_layer, msg.last_layer, msg.is_last))
-        phases = {"attach_s": time.monotonic() - t0}
-        spec = msg.spec
-        dtype = attention_dtype(getattr(self.torch, msg.dtype))
-
-        def cache(num_blocks: int, shared: bool = False) -> KVCache:
-            return KVCache(msg.last_layer - msg.first_layer, num_blocks, msg.block_size, spec.num_kv_heads,
-                           spec.head_dim, dtype, self.device, shared=shared)
-
-        def build():
-            t = time.monotonic()
-            kv = cache(msg.num_blocks)
-            # the replica pool in shared memory on CPU: the source worker writes into it directly
-            replica = cache(msg.replica_blocks, shared=True) if msg.replica_blocks else None
-            if replica is not None:
-                replica.allocate_shared_pages()
-            phases["kv_s"] = time.monotonic() - t
-            t = time.monotonic()
-            model = StageModel(weights, spec, msg.first_layer, msg.last_layer, msg.is_first, msg.is_last, kv,
-                               self.device, packed)
-            phases["pack_s"] = time.monotonic() - t  # on CPU, unless the store packed them, the weights' packing
-            return kv, replica, model
-
-        # On CPU, building the stage (packing the weights for oneDNN) takes a few tenths of a second
-        # of a core that the serving workers need while a spare rehosts after a failure: it runs at
-        # a lower priority so that serving goes first.
-        old_replica = self.replica_kv
-        kv, self.replica_kv, model = _at_low_priority(build) if self.device.type == "cpu" else build()
-        if old_replica is not None:
-            old_replica.close()  # its memory goes once its source, if any, stops mapping it
-        if self.device.type == "cpu" and msg.weights_dir is None:
-            drop_mapped_pages(weights)
-        self.stages.clear()
-        self.stages[msg.stage] = model
-        self.replica_blocks = msg.replica_blocks
-        self.replication_interval_s = msg.replication_interval_s
-        replica_bytes = self.replica_kv.nbytes if self.replica_kv is not None else 0
-        return {"host_s": time.monotonic() - t0, "kv_bytes": kv.nbytes + replica_bytes,
-                **{k: round(v, 3) for k, v in phases.items()}}
 
     def _open_link(self, msg: m.OpenLink) -> dict:
         from kevlard.gpu.link import Link
@@ -241,25 +187,6 @@ class Worker:
             if sender is not None and sender.link is link:
                 sender.close()  # it ships over no link while it writes into a mapped pool: told here
         return {}
-
-    def _move_kv(self, msg: m.MoveKV) -> dict:
-        kv = self._pool(msg.pool)
-        link = self.links[("xfer", msg.peer)]
-        slots = kv.block_slots(msg.block_ids)
-        if msg.direction == "send":
-            link.send(kv.gather(slots).cpu())
-        else:
-            values = link.recv((kv.slot_shape[0], kv.slot_shape[1], slots.numel(), *kv.slot_shape[2:]),
-                               kv.data.dtype)
-            kv.scatter(slots, values)
-        return {"blocks": len(msg.block_ids)}
-
-    def _pool(self, pool: str):
-        if pool == "replica":
-            if self.replica_kv is None:
-                raise RuntimeError(f"worker {self.id} has no replica pool")
-            return self.replica_kv
-        return self._stage().kv
 
     def _hang_now(self, signum, frame) -> None:
         """An injected hang, signalled to this (main) thread: it stops wherever it is, mid-step too,
@@ -338,7 +265,7 @@ class Worker:
         torch = self.torch
         chunks = step.chunks
         stage = self._stage()
-        kv = self._pool(step.pool)
+        kv = hosting.pool_of(self, step.pool)
         views, positions, offset = [], [], 0
         for c in chunks:
             end = c.start + c.num_tokens
@@ -392,36 +319,6 @@ class Worker:
 
     def _stage_index(self) -> int:
         return next(iter(self.stages))
-
-
-HOSTING_NICE = 10
-
-
-def _at_low_priority(fn):
-    """Run fn in a helper thread whose nice value is raised (Linux: per thread), and return its
-    result; this thread's own priority is untouched (lowering a nice value needs privileges)."""
-    import torch
-
-    out: dict = {}
-    threads = torch.get_num_threads()
-
-    def run() -> None:
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), HOSTING_NICE)
-        except (OSError, AttributeError):
-            pass  # not Linux, or not allowed: run at normal priority
-        try:
-            torch.set_num_threads(threads)
-            out["value"] = fn()
-        except BaseException as e:  # re-raised in the caller
-            out["error"] = e
-
-    t = threading.Thread(target=run, name="host-stage")
-    t.start()
-    t.join()
-    if "error" in out:
-        raise out["error"]
-    return out["value"]
 
 
 def worker_main(worker_id: int, device: str, conn, num_threads: int, heartbeat_interval_s: float,

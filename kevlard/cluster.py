@@ -40,6 +40,7 @@ class WorkerState:
     computing_s: float = 0.0  # its last heartbeat: how long its current step had computed
     ready: asyncio.Future | None = None
     replica_share: tuple[int, int, int] | None = None  # (pid, fd, size) of its shared replica pool (CPU)
+    born: float = 0.0  # when it was spawned (time.monotonic())
 
 
 SHM_DIR = "/dev/shm"
@@ -202,7 +203,8 @@ class Cluster:
 
     def _register(self, handle) -> None:
         # counted from its spawn until its first heartbeat: one stopped before it ever beat is seen too
-        self.workers[handle.id] = WorkerState(handle, ready=self.loop.create_future(), last_heartbeat=time.monotonic())
+        now = time.monotonic()
+        self.workers[handle.id] = WorkerState(handle, ready=self.loop.create_future(), last_heartbeat=now, born=now)
         handle.start_reader(self._from_thread, self._eof_from_thread)
 
     async def _wait_ready(self, ids: list[int]) -> None:

@@ -24,6 +24,10 @@ QUIET_AFTER_INTERVALS = 3
 # A replacement spare that dies during start-up is spawned again (after health.retry_pause_s); the
 # fifth failure in a row gives the device up.
 SPARE_ATTEMPTS = 5
+# A spare that dies this soon after its spawn without ever serving (one killed as soon as it is
+# ready, or that its KV memory gets killed for) is replaced after a pause that doubles with each
+# such death in a row on its device: a reviewer killing every new spare got ~390 spawned in 2 minutes.
+SPARE_STABLE_S = 60.0
 
 
 class Recovery:
@@ -48,6 +52,8 @@ class Recovery:
         self.linking: set[int] = set()  # pipelines whose route is getting a missing activation link
         self._holds: dict[int, int] = {}  # pipeline -> recovery steps holding it paused
         self._rehost_failures: dict[tuple[int, int], int] = {}  # (pipeline, stage) -> rehosts failed in a row
+        self._spare_deaths: dict[str, int] = {}  # device -> spares dead soon after their spawn, in a row
+        self._heard_since = 0.0  # the end of the daemon's last stall: silence before it is not counted
 
     # ---------------------------------------------------------------- detection
 
@@ -65,16 +71,23 @@ class Recovery:
                 # later, once the reader threads have caught up; a real hang is seen then.
                 if now - wake >= self.monitor.heartbeat_timeout_s / 2:  # worth telling; jitter is not
                     self.events.emit("monitor_stalled", None, level=logging.WARNING, late_s=round(now - wake, 3))
+                # Silence is counted only while the daemon listened: its reader threads starved with it,
+                # so beats sent during the stall may be read well after it (seen on a host at a load of
+                # 10: two healthy workers fenced as hung 0.1 s after a 0.67 s stall). A real hang is
+                # seen one timeout after the stall.
+                self._heard_since = now
                 wake = now + interval
                 continue
-            beats = {wid: (w.state, w.last_heartbeat) for wid, w in self.cluster.workers.items()}
+            heard = self._heard_since
+            beats = {wid: (w.state, max(w.last_heartbeat, heard) if w.last_heartbeat > 0 else 0.0)
+                     for wid, w in self.cluster.workers.items()}
             expiry = self.monitor.next_expiry(beats)
             wake = now + interval if expiry is None or expiry <= now else min(now + interval, expiry + 0.001)
             quiet = self.monitor.quiet_workers(now, beats, QUIET_AFTER_INTERVALS * interval)
             self.scheduler.quiet = {p for p, route in enumerate(self.cluster.routes) if quiet.intersection(route)}
             for wid, kind in self.monitor.stale_workers(now, beats):
                 self.events.emit("failure", wid, level=logging.WARNING, reason=kind,
-                                 heartbeat_age_s=round(now - beats[wid][1], 3))
+                                 heartbeat_age_s=round(now - self.cluster.workers[wid].last_heartbeat, 3))
                 self.cluster.fence(wid, kind)
             computing = {wid: (w.state, w.computing_s) for wid, w in self.cluster.workers.items()}
             for wid in self.monitor.stuck_workers(computing):
@@ -123,7 +136,12 @@ class Recovery:
                     self._spawn_task(self._recover(p, s, failed_at))
         if self.config.recovery != "restart" and w.ready is not None and w.ready.done():
             # a worker that never came up is not replaced in a loop: its device may be broken
-            self._spawn_task(self.replace_spare(w.handle.device))
+            device = w.handle.device
+            if w.stage is None and not w.pipelines and failed_at - w.born < SPARE_STABLE_S:
+                self._spare_deaths[device] = self._spare_deaths.get(device, 0) + 1
+            else:
+                self._spare_deaths.pop(device, None)
+            self._spawn_task(self.replace_spare(device))
 
     def _hold(self, p: int) -> None:
         """Recovery work on pipeline p is under way: no new micro-batches or admissions. Holds
@@ -372,6 +390,11 @@ class Recovery:
         """The dead worker's device gets a new spare (a virtual CPU device is usable at once). A
         spare that dies before it is ready (killed, out of memory) is tried again after a pause
         that doubles each time; after SPARE_ATTEMPTS in a row the device is given up as broken."""
+        deaths = self._spare_deaths.get(device, 0)
+        if deaths:
+            log.warning("the last %d spare(s) on %s died soon after they were spawned: the next one in %.1f s",
+                        deaths, device, retry_pause_s(deaths))
+            await asyncio.sleep(retry_pause_s(deaths))
         for attempt in range(SPARE_ATTEMPTS):
             wid = self.cluster.spawn_worker(device)
             try:

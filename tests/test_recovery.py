@@ -359,3 +359,72 @@ async def test_a_route_under_recovery_work_is_not_repaired_behind_its_back():
     cluster.act_pairs, cluster.route_alive = set(), lambda p: True
     recovery._hold(0)
     assert not recovery.route_linked(0) and not recovery.busy and events == []
+
+
+async def test_silence_while_the_daemon_stalled_is_not_counted_as_a_hang(monkeypatch):
+    """After the daemon itself did not run for a while, its reader threads read the heartbeats sent
+    meanwhile late: a worker whose beats are still unread one interval after the stall was fenced as
+    hung (seen on a host at a load of 10). Silence counts from the stall's end; a real hang is still
+    seen, one timeout after it."""
+    recovery, cluster, events = make_recovery(ensure_link=None)
+    clock, calls = [100.0], [0]
+    fenced: list[tuple[int, float]] = []
+    for wid, w in cluster.workers.items():
+        w.last_heartbeat, w.computing_s = (99.95 if wid == 0 else 100.0), 0.0
+
+    async def sleep(seconds):
+        calls[0] += 1
+        if fenced or calls[0] > 40:
+            raise asyncio.CancelledError
+        clock[0] = round(clock[0] + seconds + (0.7 if calls[0] == 2 else 0.0), 6)  # the second wake: 0.7 s late
+        for wid, w in cluster.workers.items():
+            if wid != 0:
+                w.last_heartbeat = clock[0]  # the others beat; worker 0's beats stay unread (or it hangs)
+
+    monkeypatch.setattr("kevlard.recovery.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("kevlard.recovery.asyncio.sleep", sleep)
+    cluster.fence = lambda wid, why: fenced.append((wid, clock[0]))
+    recovery.engine.dispatched_at, recovery.engine.replica_lag = dict, lambda: 0
+    with pytest.raises(asyncio.CancelledError):
+        await recovery.watch()
+    assert "monitor_stalled" in [kind for kind, *_ in events]
+    # the stall ended at 100.9: fenced one timeout after it, not a tenth of a second after it
+    assert len(fenced) == 1 and fenced[0][0] == 0 and 101.9 <= fenced[0][1] <= 102.0 + 1e-9, fenced
+    failure = next(kw for kind, wid, kw in events if kind == "failure")
+    assert failure["reason"] == "hang" and failure["heartbeat_age_s"] == pytest.approx(fenced[0][1] - 99.95)
+
+
+async def test_spares_that_keep_dying_soon_after_their_spawn_are_replaced_ever_more_slowly(monkeypatch):
+    """A spare killed as soon as it is ready (or one whose KV memory gets it killed) was replaced at
+    once, every time: ~390 workers spawned in 2 minutes. Each such death in a row on a device doubles
+    the pause before the next spare; a spare that lived a while is replaced at once."""
+    import time as _time
+
+    real_sleep = asyncio.sleep
+    paused: list[float] = []
+
+    async def sleep(seconds):
+        if seconds:
+            paused.append(seconds)
+        await real_sleep(0)
+
+    monkeypatch.setattr("kevlard.recovery.asyncio.sleep", sleep)
+    recovery, cluster, events, spawned, fenced = make_spare_recovery(failures=0)
+    cluster.replica_holder = {}
+    loop = asyncio.get_running_loop()
+
+    def spare_dies(wid: int, age_s: float) -> None:
+        ready = loop.create_future()
+        ready.set_result(None)
+        cluster.workers[wid] = SimpleNamespace(state="dead", failure="kill", ready=ready, stage=None,
+                                               pipelines=set(), born=_time.monotonic() - age_s,
+                                               handle=SimpleNamespace(exitcode=-9, device="cpu:3"))
+        recovery.on_worker_death(wid)
+
+    for wid in (30, 31, 32):
+        spare_dies(wid, age_s=0.5)
+        await asyncio.gather(*recovery._tasks)
+    assert paused == [0.5, 1.0, 2.0] and len(spawned) == 3
+    spare_dies(33, age_s=600.0)  # it stood by for ten minutes: no pause
+    await asyncio.gather(*recovery._tasks)
+    assert paused == [0.5, 1.0, 2.0] and len(spawned) == 4

@@ -7,7 +7,9 @@
 // extension to /api/events and forwards every event, and whether the stream is open, to the other
 // tabs over a BroadcastChannel. A tab that joins gets the leader's latest events first, as the
 // stream's own replay would have given them. Where Web Locks are missing (a page served over plain
-// http from another host is not a secure context), every tab connects itself, as before.
+// http from another host is not a secure context), the tabs elect over the channel itself: the
+// leader says so every second, and when it has been silent for three (or said goodbye) a follower
+// takes over; two tabs that start together may both lead, which costs one connection more.
 //
 // Events reach dashboard.js as DOM events on #event-source: "kevlard:event" {type, data} and
 // "kevlard:stream" {open, shared}.
@@ -60,20 +62,44 @@
     channel.postMessage({ hello: true });
   }
 
+  let leaderHeardAt = 0; // (election without Web Locks) when a leader last said so
   if (channel) {
     channel.onmessage = (e) => {
       const msg = e.data || {};
       if (leading) {
-        if (msg.hello) channel.postMessage({ open, replay: recent });
+        if (msg.hello) channel.postMessage({ open, replay: recent, leader: true });
         return;
       }
+      if (msg.leader) leaderHeardAt = performance.now();
+      if (msg.bye) leaderHeardAt = 0;
       if (msg.replay) for (const message of msg.replay) emit("kevlard:event", message);
       if (msg.event) emit("kevlard:event", msg.event);
       if (msg.open !== undefined) emit("kevlard:stream", { open: msg.open, shared: true });
     };
   }
 
-  if (channel && navigator.locks) {
+  function elect() {
+    // no Web Locks: ask, and lead unless a leader answers; then take over once it falls silent
+    const LEADER_EVERY_MS = 1000;
+    follow();
+    const check = () => {
+      if (leading) return;
+      if (performance.now() - leaderHeardAt < 3 * LEADER_EVERY_MS) {
+        setTimeout(check, LEADER_EVERY_MS);
+        return;
+      }
+      lead();
+      const beat = () => channel.postMessage({ leader: true, open });
+      beat();
+      setInterval(beat, LEADER_EVERY_MS);
+      addEventListener("pagehide", () => channel.postMessage({ bye: true }));
+    };
+    setTimeout(check, 300 + Math.random() * 300);
+  }
+
+  if (channel && !navigator.locks) {
+    elect();
+  } else if (channel) {
     // held until this tab goes away; a following tab waits in line to take over
     navigator.locks.request(LOCK, { ifAvailable: true }, (lock) => {
       if (lock) return new Promise(() => lead());

@@ -153,11 +153,13 @@ def test_a_pipeline_with_a_worker_whose_heartbeats_are_late_shows_as_quiet(tmp_p
             browser.close()
 
 
-def test_many_tabs_of_one_browser_share_one_event_stream(tmp_path):
+@pytest.mark.parametrize("web_locks", [True, False], ids=["web-locks", "no-web-locks"])
+def test_many_tabs_of_one_browser_share_one_event_stream(tmp_path, web_locks):
     """A browser opens at most 6 HTTP/1.1 connections to a host and each /api/events stream holds
     one: with a stream per tab, the seventh tab's page (and the polls of all) stalled. The tabs of
     one browser share one stream; every tab still logs every event, also once the tab that held
-    the stream is closed."""
+    the stream is closed. Without Web Locks (a page over plain http from another host) the tabs
+    elect a leader over their channel."""
     from playwright.sync_api import expect, sync_playwright
 
     model_dir = make_tiny_model(tmp_path, "llama", num_layers=4)
@@ -166,6 +168,8 @@ def test_many_tabs_of_one_browser_share_one_event_stream(tmp_path):
         try:
             context = browser.new_context(viewport={"width": 1200, "height": 900})
             context.set_default_timeout(30_000)
+            if not web_locks:
+                context.add_init_script("Object.defineProperty(Navigator.prototype, 'locks', {get: () => undefined})")
             streams: list[str] = []
             context.on("request", lambda req: streams.append(req.url) if req.url.endswith("/api/events") else None)
             errors: list[str] = []
@@ -174,6 +178,7 @@ def test_many_tabs_of_one_browser_share_one_event_stream(tmp_path):
                 page = context.new_page()
                 page.on("pageerror", lambda exc: errors.append(str(exc)))
                 page.goto(f"{daemon.url}/?token={TOKEN}")
+                expect(page.locator("#conn")).to_have_class("conn open")
                 pages.append(page)
             for page in pages:  # each tab's polls got through: the cards are drawn
                 expect(page.locator(".card[data-worker]")).to_have_count(5)

@@ -149,6 +149,16 @@ def _worker_environment():
 HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
 _TGKILL = {"x86_64": 234, "aarch64": 131}  # Linux's tgkill system call number
 
+# Every module a worker imports, imported once by the fork server: a worker forked later (a
+# replacement spare an hour on) then runs the code the daemon started with, not whatever an
+# upgrade has put on disk since (seen: a sampler changed under a running daemon, and one
+# pipeline sampled seeded requests the old way, the other the new). tests/test_cluster.py checks
+# that every import inside a function of the worker's modules is listed.
+WORKER_MODULES = ("torch", "torch.distributed", "safetensors", "kevlard.messages", "kevlard.logs",
+                  "kevlard.model_source", "kevlard.gpu.worker", "kevlard.gpu.hosting", "kevlard.gpu.kv_cache",
+                  "kevlard.gpu.stage", "kevlard.gpu.sampler", "kevlard.gpu.link", "kevlard.gpu.replication",
+                  "kevlard.gpu.weight_store", "kevlard.gpu.packed")
+
 
 class LocalLauncher:
     """Workers as local processes, one per device."""
@@ -161,7 +171,7 @@ class LocalLauncher:
 
         if "forkserver" in mp.get_all_start_methods():
             self._ctx = mp.get_context("forkserver")
-            self._ctx.set_forkserver_preload(["torch", "kevlard.gpu.worker"])
+            self._ctx.set_forkserver_preload(list(WORKER_MODULES))
         else:
             self._ctx = mp.get_context("spawn")
         self.heartbeat_interval_s = heartbeat_interval_s

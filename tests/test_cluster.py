@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
+from pathlib import Path
 
 import pytest
 
@@ -118,3 +119,50 @@ async def test_callers_ensuring_one_link_at_the_same_time_share_one_opening():
     await asyncio.gather(*(cluster.ensure_link(0, 1) for _ in range(3)))
     await cluster.ensure_link(0, 1)
     assert opened == [(0, 1)]
+
+
+def test_every_module_a_worker_imports_later_is_imported_by_the_fork_server_first():
+    """A module a worker imports inside a function (on its first step, say) is read from disk then:
+    upgraded under a running daemon, one pipeline sampled seeded requests the old way, the other
+    the new. The fork server imports each one first (launcher.WORKER_MODULES), so that every
+    worker, however late it is forked, runs the code the daemon started with."""
+    import ast
+    import importlib.util
+
+    from multiprocessing import forkserver
+
+    from kevlard.launcher import WORKER_MODULES, LocalLauncher
+
+    LocalLauncher(heartbeat_interval_s=0.1)
+    assert forkserver._forkserver._preload_modules == list(WORKER_MODULES)
+
+    def preloaded(imported: str) -> bool:
+        if imported in WORKER_MODULES or imported in ("kevlard", "kevlard.gpu"):  # (packages: their modules count)
+            return True
+        return any(imported.startswith(w + ".") for w in WORKER_MODULES if not w.startswith("kevlard"))
+
+    # the modules whose functions run in a worker (model_source's run in the daemon)
+    worker_side = [name for name in WORKER_MODULES if name.startswith("kevlard.gpu") or name == "kevlard.logs"]
+    missing = []
+    for name in worker_side:
+        tree = ast.parse(Path(importlib.util.find_spec(name).origin).read_text())
+        for fn in ast.walk(tree):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.module:
+                    names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+                else:
+                    continue
+                for imported in names:
+                    if imported.split(".")[0] not in ("kevlard", "torch", "safetensors"):
+                        continue  # the standard library: not upgraded under a running daemon
+                    try:
+                        is_module = importlib.util.find_spec(imported) is not None
+                    except ModuleNotFoundError:
+                        is_module = False
+                    if is_module and not preloaded(imported):
+                        missing.append(f"{name}: {imported}")
+    assert not missing, missing

@@ -153,11 +153,12 @@ _TGKILL = {"x86_64": 234, "aarch64": 131}  # Linux's tgkill system call number
 # replacement spare an hour on) then runs the code the daemon started with, not whatever an
 # upgrade has put on disk since (seen: a sampler changed under a running daemon, and one
 # pipeline sampled seeded requests the old way, the other the new). tests/test_cluster.py checks
-# that every import inside a function of the worker's modules is listed.
-WORKER_MODULES = ("torch", "torch.distributed", "safetensors", "kevlard.messages", "kevlard.logs",
-                  "kevlard.model_source", "kevlard.gpu.worker", "kevlard.gpu.hosting", "kevlard.gpu.kv_cache",
-                  "kevlard.gpu.stage", "kevlard.gpu.sampler", "kevlard.gpu.link", "kevlard.gpu.replication",
-                  "kevlard.gpu.weight_store", "kevlard.gpu.packed")
+# that every import inside a function of the worker's modules is listed. The first one makes the
+# fork server ignore SIGTERM (gpu/fork_server.py).
+WORKER_MODULES = ("kevlard.gpu.fork_server", "torch", "torch.distributed", "safetensors", "kevlard.messages",
+                  "kevlard.logs", "kevlard.model_source", "kevlard.gpu.worker", "kevlard.gpu.hosting",
+                  "kevlard.gpu.kv_cache", "kevlard.gpu.stage", "kevlard.gpu.sampler", "kevlard.gpu.link",
+                  "kevlard.gpu.replication", "kevlard.gpu.weight_store", "kevlard.gpu.packed")
 
 
 class LocalLauncher:

@@ -66,13 +66,16 @@ class Daemon:
 
 
 def start_daemon(args: list[str], tmp_path: Path, ready_timeout: float = 240.0,
-                 env: dict | None = None) -> Daemon:
+                 env: dict | None = None, new_session: bool = False) -> Daemon:
+    """`new_session`: the daemon leads a process group of its own (with its workers), as under
+    systemd or in a terminal, so that a test can signal the whole group."""
     port = free_port()
     log_path = tmp_path / f"kevlard-{port}.log"
     full_env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", **(env or {}))
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "kevlard", "serve", "--port", str(port), *args],
-                                stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=tmp_path)
+                                stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=tmp_path,
+                                start_new_session=new_session)
     url = f"http://127.0.0.1:{port}"
     daemon = Daemon(proc, url, log_path)
     deadline = time.monotonic() + ready_timeout

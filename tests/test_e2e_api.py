@@ -177,9 +177,13 @@ def test_a_burst_that_fits_the_running_sets_is_served_whatever_the_waiting_queue
         assert codes == [200] * 8
 
 
-def test_sigterm_drains_in_flight_requests_then_exits_clean(tiny_dir, tmp_path):
+@pytest.mark.parametrize("to", ["daemon", "group-SIGTERM", "group-SIGINT", "group-SIGHUP"])
+def test_sigterm_drains_in_flight_requests_then_exits_clean(tiny_dir, tmp_path, to):
+    """Signalled alone, or with its whole process group as systemd's KillMode=control-group, a
+    terminal's Ctrl-C and a closed terminal do: the workers once died with the group, and the draining daemon recovered
+    from four failures (replaying the requests) before it exited."""
     args = ["--model", str(tiny_dir), "--devices", "cpu:2", "--pipelines", "1", "--stages", "2", "--spares", "1"]
-    daemon = start_daemon(args, tmp_path)
+    daemon = start_daemon(args, tmp_path, new_session=to != "daemon")
     got = {}
 
     def stream():
@@ -191,11 +195,16 @@ def test_sigterm_drains_in_flight_requests_then_exits_clean(tiny_dir, tmp_path):
     t.start()
     time.sleep(1.0)
     pids = [w["pid"] for w in httpx.get(daemon.url + "/api/cluster").json()["workers"]]
-    assert daemon.stop(signal.SIGTERM) == 0
+    if to == "daemon":
+        assert daemon.stop(signal.SIGTERM) == 0
+    else:
+        os.killpg(daemon.proc.pid, getattr(signal, to.split("-")[1]))
+        assert daemon.proc.wait(60) == 0
     t.join(60)
     assert got["lines"][-1] == "data: [DONE]"
     last = json.loads(got["lines"][-2][len("data: "):])
     assert last["choices"][0]["finish_reason"] == "length"  # finished, not cut off
+    assert "state=dead" not in daemon.log() and "pipeline_down" not in daemon.log()  # no worker died of it
     assert shm_segments(daemon.proc.pid) == []
     for pid in pids:
         assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read().lower()

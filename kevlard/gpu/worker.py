@@ -324,9 +324,18 @@ class Worker:
 def worker_main(worker_id: int, device: str, conn, num_threads: int, heartbeat_interval_s: float,
                 log_format: str = "text") -> None:
     """Entry point of the spawned process."""
+    import signal
+
     import torch
 
     from kevlard.logs import setup_logging
+
+    # The daemon decides when a worker stops (it drains first, then closes the channel): a SIGTERM,
+    # SIGINT or SIGHUP sent to the whole process group (systemd's KillMode=control-group, Ctrl-C in
+    # a terminal, the terminal closed) killed every worker at once, and the draining daemon
+    # recovered from four failures.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
 
     setup_logging(log_format, worker=worker_id)
 

@@ -294,8 +294,13 @@ class Recovery:
         try:
             t0 = time.monotonic()
             hosted = await cluster.command(spare, self.stage_command(s, replica_pool=cluster.replication))
-            phases = {"host_s": round(time.monotonic() - t0, 3),
-                      "worker_host_s": round(hosted.get("host_s", 0.0), 3) if isinstance(hosted, dict) else None}
+            t_hosted = time.monotonic()
+            phases = {"host_s": round(t_hosted - t0, 3),
+                      # (one clock for every process: CLOCK_MONOTONIC) until the spare began, after it ended
+                      "to_spare_s": round(hosted["started_at"] - t0, 3) if "started_at" in hosted else None,
+                      "from_spare_s": round(t_hosted - hosted["ended_at"], 3) if "ended_at" in hosted else None,
+                      "worker_host_s": round(hosted.get("host_s", 0.0), 3) if isinstance(hosted, dict) else None,
+                      "kv_prepared": hosted.get("kv_prepared") if isinstance(hosted, dict) else None}
             route = cluster.routes[p]
             links = []
             if s > 0 and cluster.workers[route[s - 1]].state == "healthy":

@@ -167,6 +167,8 @@ def test_fault_is_survived_twice(model_dir, reference, tmp_path, kind, stage):
         assert_same(got, reference)
         snap = wait_restored(url)
         assert snap["recovery"]["failures"] == 1 and snap["recovery"]["rehosts"] == 1
+        # the spare had allocated its KV memory while it stood by
+        assert "kv_prepared=True" in next(line for line in daemon.log().splitlines() if "event restore" in line)
         # the second fault, on the other pipeline's worker of the same stage
         second = snap["pipelines"][1]["route"][stage]
         got = run_load(url, lambda: inject(url, second, kind))

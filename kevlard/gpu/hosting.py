@@ -94,7 +94,9 @@ def host_stage(worker, msg: m.HostStage) -> dict:
     worker.replication_interval_s = msg.replication_interval_s
     replica_bytes = worker.replica_kv.nbytes if worker.replica_kv is not None else 0
     share = worker.replica_kv.share_info() if worker.replica_kv is not None else (0, -1, 0)
-    return {"host_s": time.monotonic() - t0, "kv_bytes": kv.nbytes + replica_bytes,
+    return {"host_s": time.monotonic() - t0, "started_at": t0, "ended_at": time.monotonic(),
+            "kv_bytes": kv.nbytes + replica_bytes,
+            "kv_prepared": own_memory is not None and kv.memory is own_memory,
             "replica_share": list(share) if share[1] >= 0 else None,
             **{k: round(v, 3) for k, v in phases.items()}}
 

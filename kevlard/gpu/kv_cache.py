@@ -43,8 +43,9 @@ class KVMemory:
             self.flat = torch.zeros(numel, dtype=dtype, device=device)
 
     def fits(self, numel: int, dtype: torch.dtype, device: str | torch.device, shared: bool) -> bool:
-        return (numel <= self.numel and dtype == self.dtype and self.flat.device == torch.device(device)
-                and shared == (self.shm_fd is not None))
+        device = torch.device(device)  # a virtual CPU device ("cpu:3") is the one CPU: tensors say "cpu"
+        same_device = self.flat.device.type == device.type and (device.type == "cpu" or self.flat.device == device)
+        return numel <= self.numel and dtype == self.dtype and same_device and shared == (self.shm_fd is not None)
 
     def allocate_shared_pages(self) -> None:
         if self.shm_fd is not None:

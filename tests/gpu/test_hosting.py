@@ -13,15 +13,15 @@ from kevlard.gpu.kv_cache import KVCache, KVMemory
 
 def test_a_cache_takes_memory_prepared_for_a_larger_stage_and_not_memory_that_does_not_fit():
     layers, blocks, bs, kvh, hd = 3, 8, 4, 2, 2
-    own = KVMemory(2 * layers * blocks * bs * kvh * hd, torch.float64)
-    kv = KVCache(2, blocks, bs, kvh, hd, torch.float64, memory=own)  # a stage of 2 layers of the largest's 3
+    own = KVMemory(2 * layers * blocks * bs * kvh * hd, torch.float64, "cpu:3")  # a worker's virtual device
+    kv = KVCache(2, blocks, bs, kvh, hd, torch.float64, "cpu:3", memory=own)  # 2 layers of the largest stage's 3
     assert kv.memory is own and kv.data.data_ptr() == own.flat.data_ptr()
     assert kv.data.shape == (2, 2, blocks * bs, kvh, hd) and kv.data.is_contiguous() and not kv.data.any()
     small = KVMemory(10, torch.float64)
     assert KVCache(2, blocks, bs, kvh, hd, torch.float64, memory=small).memory is not small  # too small
-    shared = KVMemory(2 * layers * blocks * bs * kvh * hd, torch.float64, shared=True)
-    assert KVCache(2, blocks, bs, kvh, hd, torch.float64, memory=shared).memory is not shared  # not shared
-    pool = KVCache(2, blocks, bs, kvh, hd, torch.float64, shared=True, memory=shared)
+    shared = KVMemory(2 * layers * blocks * bs * kvh * hd, torch.float64, "cpu:3", shared=True)
+    assert KVCache(2, blocks, bs, kvh, hd, torch.float64, "cpu:3", memory=shared).memory is not shared  # not shared
+    pool = KVCache(2, blocks, bs, kvh, hd, torch.float64, "cpu:3", shared=True, memory=shared)
     assert pool.memory is shared and pool.share_info()[1] == shared.shm_fd
     pool.close()
 

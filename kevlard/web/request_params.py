@@ -190,6 +190,9 @@ def parse_generation_request(body: dict, prompt_ids: list[int], *, chat: bool, e
             raise APIError("'stream_options' must be an object", param="stream_options",
                            code="invalid_type")
         include_usage = _boolean(options, "include_usage", False, param="stream_options.include_usage")
+        if not stream:  # as OpenAI (and vLLM) answer: nothing would ever read them
+            raise APIError("'stream_options' is only allowed when 'stream' is true", param="stream_options",
+                           code="invalid_value")
     max_tokens = _max_tokens(body, prompt_ids, chat, engine, server)
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                             top_k=max(top_k, 0), seed=seed,

@@ -310,6 +310,8 @@ BAD_REQUESTS = [
     (CHAT, chat(stream="yes"), "stream", None),
     (CHAT, chat(stream=True, stream_options={"include_usage": "yes"}), "stream_options.include_usage", None),
     (CHAT, chat(stream_options=[]), "stream_options", None),
+    (CHAT, chat(stream_options={"include_usage": True}), "stream_options", None),  # without stream
+    (CMPL, {"prompt": "x", "stream": False, "stream_options": {}}, "stream_options", None),
     (CHAT, chat(n=2), "n", None),
     (CMPL, {"prompt": "x", "n": "1"}, "n", None),
     (CHAT, chat(presence_penalty=0.5), "presence_penalty", None),

@@ -302,11 +302,13 @@ class Recovery:
                       "worker_host_s": round(hosted.get("host_s", 0.0), 3) if isinstance(hosted, dict) else None,
                       "kv_prepared": hosted.get("kv_prepared") if isinstance(hosted, dict) else None}
             route = cluster.routes[p]
-            links = []
+            links, peers = [], []  # each link to open, and the worker at its other end
             if s > 0 and cluster.workers[route[s - 1]].state == "healthy":
                 links.append(cluster.ensure_link(route[s - 1], spare))
+                peers.append(route[s - 1])
             if s + 1 < len(route) and cluster.workers[route[s + 1]].state == "healthy":
                 links.append(cluster.ensure_link(spare, route[s + 1]))
+                peers.append(route[s + 1])
             current = route[s]
             hand_back = cluster.pool(p, s) == "replica" and cluster.workers[current].state == "healthy"
             # on CPU the spare copies the KV straight out of the buddy's shared replica pool: no link
@@ -314,15 +316,19 @@ class Recovery:
             xfer = hand_back and share is None
             if xfer:
                 links.append(cluster.open_link(current, spare, "xfer"))
+                peers.append(current)
             # every link the switch needs is opened while the pipeline still serves, all at once
             rewiring = asyncio.ensure_future(rewire_replicas(self, p, s, spare, current))
             try:
                 opened = await asyncio.gather(*links, return_exceptions=True)
             finally:
                 switch_replicas = await rewiring
-            failed = [r for r in opened if isinstance(r, BaseException)]
-            if xfer and failed and failed[-1] is opened[-1] and cluster.workers[current].state == "dead":
-                failed.pop()  # the buddy died meanwhile: no KV to take back, the spare recomputes it
+            # A link whose other end died meanwhile (a neighbour killed with this stage's worker; the
+            # spare was fenced for it) costs the spare nothing: the route links that stage's next worker
+            # before its next step (route_linked); a dead buddy leaves no KV: the spare recomputes it.
+            failed = [r for r, peer in zip(opened, peers)
+                      if isinstance(r, BaseException) and cluster.workers[peer].state != "dead"]
+            if xfer and isinstance(opened[-1], BaseException) and cluster.workers[current].state == "dead":
                 hand_back = False
             if failed:
                 raise failed[0]
